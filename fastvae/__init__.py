@@ -1,0 +1,13 @@
+"""fastvae: fused Triton kernels for variational autoencoders, with a PyTorch fallback."""
+from ._backend import default_backend, triton_available
+from .functional import elbo_loss, reparameterize
+from .modules import FusedELBO
+
+try:  # registers torch.ops.fastvae.* where triton is importable
+    from . import _triton_ops  # noqa: F401
+except ImportError:
+    pass
+
+__version__ = "0.1.0"
+
+__all__ = ["elbo_loss", "reparameterize", "FusedELBO", "default_backend", "triton_available"]

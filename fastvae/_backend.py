@@ -1,0 +1,76 @@
+"""Backend selection: which implementation (Triton kernels or the PyTorch fallback) runs an op."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+ENV_VAR = "FASTVAE_BACKEND"
+
+
+def triton_available() -> bool:
+    """True when triton imports and fastvae's kernels can be built."""
+    try:
+        from . import _triton_ops  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton's CPU interpreter was on when fastvae's kernels were defined."""
+    if not triton_available():
+        return False
+    from . import _triton_ops
+
+    return _triton_ops.KERNELS_INTERPRETED
+
+
+def _check_name(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def default_backend() -> str:
+    """The backend that ``backend="auto"`` stands for before device dispatch (``$FASTVAE_BACKEND``)."""
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"${ENV_VAR} must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def resolve(backend: str, *tensors: torch.Tensor) -> str:
+    """Return "triton" or "torch" for an op on ``tensors``.
+
+    ``auto`` takes ``$FASTVAE_BACKEND`` first; if that is also ``auto``, CUDA tensors go to
+    the Triton kernels (float64 stays on the exact PyTorch path) and everything else to the
+    fallback. ``triton`` is honoured or refused with a clear error, never silently replaced.
+    """
+    backend = _check_name(backend)
+    if backend == "auto":
+        backend = default_backend()
+    if backend == "auto":
+        t = tensors[0]
+        if t.is_cuda and t.dtype != torch.float64 and triton_available():
+            return "triton"
+        return "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError(
+                "backend='triton' needs the triton package, which is not importable here; "
+                "install it (Linux: pip install triton) or use backend='torch'"
+            )
+        if any(t.dtype == torch.float64 for t in tensors):
+            raise TypeError(
+                "backend='triton' computes in float32 and does not take float64 tensors; "
+                "use backend='torch' (or 'auto') for float64"
+            )
+        if not tensors[0].is_cuda and not interpreter_enabled():
+            raise RuntimeError(
+                f"backend='triton' got tensors on {tensors[0].device}: the Triton kernels run on "
+                "CUDA tensors, or on CPU only under Triton's interpreter (set TRITON_INTERPRET=1 "
+                "before fastvae is imported). Use backend='torch' or 'auto' for CPU tensors."
+            )
+    return backend

@@ -1,0 +1,1 @@
+"""fastvae's Triton kernels (installed as ``fastvae.kernels``): one module per op."""
