@@ -80,31 +80,36 @@ def _elbo_rows_kernel(
 
 
 @triton.jit
-def _sum_kernel(in_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
+def _sum_kernel(in_ptr, out_ptr, n, MEAN: tl.constexpr, BLOCK: tl.constexpr):
     # one program, fixed order: deterministic
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for i0 in range(0, n, BLOCK):
         offs = i0 + tl.arange(0, BLOCK).to(tl.int64)
         acc += tl.load(in_ptr + offs, mask=offs < n, other=0.0)
-    tl.store(out_ptr, tl.sum(acc, axis=0) * tl.cast(scale, tl.float32))
+    total = tl.sum(acc, axis=0)
+    if MEAN:
+        total = total / n
+    tl.store(out_ptr, total)
 
 
 @triton.jit
 def _elbo_bwd_kernel(
-    g_ptr, stride_g, g_scale,
+    g_ptr, stride_g,
     recon_ptr, x_ptr, mu_ptr, logvar_ptr,
     drecon_ptr, dx_ptr, dmu_ptr, dlogvar_ptr,
     B, N, L,
     stride_rb, stride_rn, stride_xb, stride_xn,
     stride_mb, stride_ml, stride_vb, stride_vl,
     beta,
-    FROM_LOGITS: tl.constexpr, X_U8: tl.constexpr, X_GRAD: tl.constexpr,
+    MEAN: tl.constexpr, FROM_LOGITS: tl.constexpr, X_U8: tl.constexpr, X_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < B
-    g = tl.load(g_ptr + rows * stride_g, mask=row_ok, other=0.0).to(tl.float32) * tl.cast(g_scale, tl.float32)
+    g = tl.load(g_ptr + rows * stride_g, mask=row_ok, other=0.0).to(tl.float32)
+    if MEAN:
+        g = g / B
     g2 = g[:, None]
 
     for n0 in range(0, N, BLOCK_N):
@@ -142,9 +147,11 @@ def _elbo_bwd_kernel(
         tl.store(dlogvar_ptr + out, (gb * 0.5 * (tl.exp(lv) - 1.0)).to(dlogvar_ptr.dtype.element_ty), mask=m)
 
 
-def _blocks(B: int, N: int, L: int):
+def _blocks(N: int, L: int):
+    # from the feature sizes only, so a changing batch size (symbolic under torch.compile)
+    # reuses one kernel configuration
     block_n = min(_MAX_BLOCK_N, triton.next_power_of_2(max(N, 1)))
-    block_m = max(1, min(_TILE // block_n, triton.next_power_of_2(max(B, 1))))
+    block_m = max(1, _TILE // block_n)
     block_l = min(128, triton.next_power_of_2(max(L, 1)))
     return block_m, block_n, block_l
 
@@ -164,7 +171,7 @@ def elbo_forward(kernel_launch, recon, x, mu, logvar, beta: float, from_logits: 
     """
     B, N = recon.shape
     L = mu.shape[1]
-    block_m, block_n, block_l = _blocks(B, N, L)
+    block_m, block_n, block_l = _blocks(N, L)
     rows = torch.empty(B, device=recon.device, dtype=torch.float32)
     kernel_launch(_elbo_rows_kernel)[(triton.cdiv(B, block_m),)](
         recon, x, mu, logvar, rows, B, N, L, *_launch_args(recon, x, mu, logvar), float(beta),
@@ -175,8 +182,7 @@ def elbo_forward(kernel_launch, recon, x, mu, logvar, beta: float, from_logits: 
     if reduction == "none":
         return rows
     out = torch.empty((), device=recon.device, dtype=torch.float32)
-    scale = 1.0 / B if reduction == "mean" else 1.0
-    kernel_launch(_sum_kernel)[(1,)](rows, out, B, scale, BLOCK=1024, num_warps=4)
+    kernel_launch(_sum_kernel)[(1,)](rows, out, B, MEAN=reduction == "mean", BLOCK=1024, num_warps=4)
     return out
 
 
@@ -185,17 +191,17 @@ def elbo_backward(kernel_launch, grad, recon, x, mu, logvar, beta: float, from_l
     """(d recon, d x or an empty tensor, d mu, d logvar), each contiguous in its input's dtype."""
     B, N = recon.shape
     L = mu.shape[1]
-    block_m, block_n, block_l = _blocks(B, N, L)
+    block_m, block_n, block_l = _blocks(N, L)
     drecon = torch.empty((B, N), device=recon.device, dtype=recon.dtype)
     dx = torch.empty((B, N) if x_grad else (0,), device=x.device, dtype=x.dtype)
     dmu = torch.empty((B, L), device=mu.device, dtype=mu.dtype)
     dlogvar = torch.empty((B, L), device=logvar.device, dtype=logvar.dtype)
     stride_g = 0 if grad.dim() == 0 else grad.stride(0)
-    g_scale = 1.0 / B if reduction == "mean" else 1.0
     kernel_launch(_elbo_bwd_kernel)[(triton.cdiv(B, block_m),)](
-        grad, stride_g, g_scale, recon, x, mu, logvar, drecon, dx, dmu, dlogvar,
-        B, N, L, *_launch_args(recon, x, mu, logvar), float(beta),
-        FROM_LOGITS=from_logits, X_U8=x.dtype == torch.uint8, X_GRAD=x_grad,
+        grad, stride_g, recon, x, mu, logvar, drecon,
+        dx if x_grad else drecon,  # a valid pointer that is never written when x_grad is False
+        dmu, dlogvar, B, N, L, *_launch_args(recon, x, mu, logvar), float(beta),
+        MEAN=reduction == "mean", FROM_LOGITS=from_logits, X_U8=x.dtype == torch.uint8, X_GRAD=x_grad,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_L=block_l,
         num_warps=8 if block_m * block_n >= 4096 else 4,
     )

@@ -75,9 +75,10 @@ def _reparam_bwd_kernel(
             tl.store(deps_ptr + out, (g * sigma).to(deps_ptr.dtype.element_ty), mask=m)
 
 
-def _blocks(M: int, L: int):
+def _blocks(L: int):
+    # from the latent size only, so a changing batch size reuses one kernel configuration
     block_l = min(256, triton.next_power_of_2(max(L, 1)))
-    block_m = max(1, min(_TILE // block_l, triton.next_power_of_2(max(M, 1))))
+    block_m = max(1, _TILE // block_l)
     return block_m, block_l
 
 
@@ -91,7 +92,7 @@ def _eps_args(eps, seed, like):
 def reparam_forward(kernel_launch, mu, logvar, eps, seed, out_dtype):
     """z [M, L] from 2-D ``mu``/``logvar`` and either ``eps`` [M, L] or a one-element int64 ``seed``."""
     M, L = mu.shape
-    block_m, block_l = _blocks(M, L)
+    block_m, block_l = _blocks(L)
     z = torch.empty((M, L), device=mu.device, dtype=out_dtype)
     eps_t, seed_t, seb, sel = _eps_args(eps, seed, mu)
     kernel_launch(_reparam_fwd_kernel)[(triton.cdiv(M, block_m),)](
@@ -105,13 +106,15 @@ def reparam_forward(kernel_launch, mu, logvar, eps, seed, out_dtype):
 def reparam_backward(kernel_launch, grad, logvar, eps, seed, eps_grad: bool):
     """(d logvar, d eps or an empty tensor) for upstream ``grad`` [M, L]."""
     M, L = logvar.shape
-    block_m, block_l = _blocks(M, L)
+    block_m, block_l = _blocks(L)
     dlogvar = torch.empty((M, L), device=logvar.device, dtype=logvar.dtype)
     deps = torch.empty((M, L) if eps_grad else (0,), device=logvar.device,
                        dtype=eps.dtype if eps is not None else logvar.dtype)
     eps_t, seed_t, seb, sel = _eps_args(eps, seed, logvar)
     kernel_launch(_reparam_bwd_kernel)[(triton.cdiv(M, block_m),)](
-        grad, logvar, eps_t, seed_t, dlogvar, deps, M, L,
+        grad, logvar, eps_t, seed_t, dlogvar,
+        deps if eps_grad else dlogvar,  # a valid pointer that is never written without EPS_GRAD
+        M, L,
         grad.stride(0), grad.stride(1), logvar.stride(0), logvar.stride(1), seb, sel,
         HAS_EPS=eps is not None, RNG64=M * L >= 2**31, EPS_GRAD=eps_grad,
         BLOCK_M=block_m, BLOCK_L=block_l,

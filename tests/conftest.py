@@ -24,3 +24,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip)
+
+
+def _interpreted() -> bool:
+    import fastvae
+
+    return fastvae.triton_available() and fastvae._backend.interpreter_enabled()
+
+
+# (backend, device) pairs the op tests run on: the fallback on CPU (and CUDA when present), and
+# the Triton kernels on CUDA, or on CPU under the interpreter.
+BACKEND_DEVICES = [("torch", "cpu")]
+if HAS_CUDA:
+    BACKEND_DEVICES += [("torch", "cuda"), ("triton", "cuda")]
+elif _interpreted():
+    BACKEND_DEVICES += [("triton", "cpu")]
+
+
+@pytest.fixture(params=BACKEND_DEVICES, ids=lambda p: f"{p[0]}-{p[1]}")
+def backend_device(request):
+    return request.param

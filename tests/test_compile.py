@@ -1,0 +1,123 @@
+"""torch.library registration, torch.compile and CUDA graphs."""
+import pytest
+import torch
+
+import fastvae
+import oracle
+from conftest import HAS_CUDA
+
+
+def _elbo_args(device, B=6, N=30, L=4, from_logits=True):
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(B, N, generator=g)
+    recon = (s if from_logits else torch.sigmoid(s)).to(device)
+    return [recon, torch.rand(B, N, generator=g).to(device), torch.randn(B, L, generator=g).to(device),
+            torch.randn(B, L, generator=g).to(device)]
+
+
+@pytest.mark.skipif(not fastvae.triton_available(), reason="needs triton")
+def test_ops_are_registered_and_pass_opcheck():
+    device = "cuda" if HAS_CUDA else "cpu"
+    if device == "cpu" and not fastvae._backend.interpreter_enabled():
+        pytest.skip("Triton kernels need CUDA or the interpreter")
+    # fake-tensor tracing launches nothing on a GPU, but the interpreter would run on fake data
+    checks = ("test_schema", "test_autograd_registration") + (("test_faketensor",) if HAS_CUDA else ())
+    for from_logits in (True, False):
+        recon, x, mu, logvar = _elbo_args(device, from_logits=from_logits)
+        for t in (recon, mu, logvar):
+            t.requires_grad_()
+        for reduction in ("sum", "none"):
+            torch.library.opcheck(torch.ops.fastvae.elbo.default,
+                                  (recon, x, mu, logvar, 0.5, from_logits, reduction),
+                                  test_utils=checks)
+    mu = torch.randn(5, 3, device=device, requires_grad=True)
+    logvar = torch.randn(5, 3, device=device, requires_grad=True)
+    eps = torch.randn(5, 3, device=device)
+    seed = torch.tensor([42], device=device)
+    for args in ((mu, logvar, eps, None), (mu, logvar, None, seed)):
+        torch.library.opcheck(torch.ops.fastvae.reparameterize.default, args, test_utils=checks)
+
+
+def test_fallback_compiles_fullgraph():
+    """The PyTorch fallback traces without graph breaks and gives eager's values and gradients."""
+    recon, x, mu, logvar = _elbo_args("cpu")
+    eps = torch.randn_like(mu)
+
+    def step(recon, x, mu, logvar, eps):
+        z = fastvae.reparameterize(mu, logvar, eps=eps, backend="torch")
+        return fastvae.elbo_loss(recon, x, z, logvar, beta=0.5, backend="torch")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (step, compiled):
+        leaves = [t.detach().clone().requires_grad_() for t in (recon, mu, logvar)]
+        loss = fn(leaves[0], x, leaves[1], leaves[2], eps)
+        results.append((loss, *torch.autograd.grad(loss, leaves)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+# --- on a GPU: compiled Triton kernels under torch.compile and CUDA graphs ----------------------
+
+def _tiny_vae(device):
+    torch.manual_seed(0)
+    enc = torch.nn.Linear(30, 8).to(device)
+    dec = torch.nn.Linear(4, 30).to(device)
+    return enc, dec
+
+
+def _vae_loss(enc, dec, x, eps=None):
+    mu, logvar = enc(x).chunk(2, dim=1)
+    z = fastvae.reparameterize(mu, logvar, eps=eps)
+    return fastvae.FusedELBO()(dec(z), x, mu, logvar), z, mu, logvar
+
+
+@pytest.mark.gpu
+def test_compile_fullgraph_training_step_gpu():
+    enc, dec = _tiny_vae("cuda")
+    x = torch.rand(16, 30, device="cuda")
+    eps = torch.randn(16, 4, device="cuda")
+
+    def step(x, eps):
+        loss = _vae_loss(enc, dec, x, eps)[0]
+        grads = torch.autograd.grad(loss, list(enc.parameters()) + list(dec.parameters()))
+        return loss, grads
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss_e, grads_e = step(x, eps)
+    loss_c, grads_c = compiled(x, eps)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-4)
+    for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+    drawn = torch.compile(lambda x: _vae_loss(enc, dec, x)[1], fullgraph=True)
+    z1, z2 = drawn(x), drawn(x)
+    assert not torch.equal(z1, z2)  # fresh noise on each call of the compiled graph
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_draws_fresh_noise_gpu():
+    enc, dec = _tiny_vae("cuda")
+    x = torch.rand(16, 30, device="cuda")
+    params = list(enc.parameters()) + list(dec.parameters())
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm up (and compile the kernels) outside the graph
+            loss, z, mu, logvar = _vae_loss(enc, dec, x)
+            torch.autograd.grad(loss, params)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss, z, mu, logvar = _vae_loss(enc, dec, x)
+        grads = torch.autograd.grad(loss, params)
+    seen = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        seen.append(z.clone())
+        eps = (z - mu) / torch.exp(0.5 * logvar)
+        ref_loss, _ = oracle.elbo(dec(z), x, mu, logvar)
+        torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=1e-5, atol=1e-3)
+        assert abs(eps.mean().item()) < 0.5
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])

@@ -1,0 +1,304 @@
+"""fastvae.elbo_loss / FusedELBO against the float64 oracle, on every backend."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastvae
+import oracle
+from fastvae.baselines import eager_elbo
+
+REDUCTIONS = ["sum", "mean", "none"]
+
+
+def make_inputs(recon_shape, x_shape, L, *, from_logits, device, dtype=torch.float32,
+                x_dtype=None, seed=0, logit_scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    B = recon_shape[0]
+    s = torch.randn(recon_shape, generator=g) * logit_scale
+    recon = s if from_logits else torch.sigmoid(s)
+    if x_dtype == torch.uint8:
+        x = torch.randint(0, 256, x_shape, generator=g, dtype=torch.uint8)
+    else:
+        x = torch.rand(x_shape, generator=g).to(x_dtype or dtype)
+    mu = torch.randn(B, L, generator=g)
+    logvar = torch.randn(B, L, generator=g)
+    return [t.to(device) if t.dtype == torch.uint8 else t.to(device, dtype if t is not x else t.dtype)
+            for t in (recon, x, mu, logvar)]
+
+
+def run(recon, x, mu, logvar, grad_output=None, x_grad=False, **kw):
+    leaves = [recon.detach().clone().requires_grad_(), x.detach().clone(),
+              mu.detach().clone().requires_grad_(), logvar.detach().clone().requires_grad_()]
+    if x_grad:
+        leaves[1].requires_grad_()
+    loss = fastvae.elbo_loss(*leaves, **kw)
+    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+    grads = {"recon": leaves[0].grad, "mu": leaves[2].grad, "logvar": leaves[3].grad}
+    if x_grad:
+        grads["x"] = leaves[1].grad
+    return loss, grads
+
+
+def assert_matches(loss, grads, ref_loss, ref_grads, inputs, *, rtol=1e-5, grad_rtol=1e-5):
+    recon, x, mu, logvar = inputs
+    assert loss.dtype == (torch.float64 if recon.dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=rtol, atol=rtol)
+    for name, g in grads.items():
+        ref = ref_grads[name]
+        src = {"recon": recon, "x": x, "mu": mu, "logvar": logvar}[name]
+        assert g.dtype == src.dtype and g.shape == src.shape, name
+        scale = ref.abs().max().item() or 1.0
+        torch.testing.assert_close(g.double().cpu(), ref, rtol=grad_rtol, atol=grad_rtol * scale,
+                                   msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0, 4.0])
+def test_matches_oracle(backend_device, reduction, from_logits, beta):
+    backend, device = backend_device
+    inputs = make_inputs((13, 100), (13, 100), 7, from_logits=from_logits, device=device, seed=1)
+    B = 13
+    grad_output = (torch.randn(B) if reduction == "none" else torch.tensor(-1.7)).to(device)
+    kw = dict(reduction=reduction, beta=beta, from_logits=from_logits)
+    loss, grads = run(*inputs, grad_output=grad_output, x_grad=True, backend=backend, **kw)
+    ref_loss, ref_grads = oracle.elbo(*inputs, grad_output=grad_output, **kw)
+    assert loss.shape == ((B,) if reduction == "none" else ())
+    assert_matches(loss, grads, ref_loss, ref_grads, inputs)
+
+
+@pytest.mark.parametrize("recon_shape,x_shape,L", [
+    ((1, 1), (1, 1), 1),                 # smallest
+    ((3, 1000), (3, 1000), 5),           # several column blocks? (N near the block size)
+    ((5, 63), (5, 1, 7, 9), 3),          # 4-D target against flat recon, odd sizes
+    ((4, 1, 7, 9), (4, 1, 7, 9), 20),    # 4-D both
+    ((2, 2000), (2, 2000), 300),         # N and L above one block
+])
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_shapes(backend_device, recon_shape, x_shape, L, from_logits):
+    backend, device = backend_device
+    inputs = make_inputs(recon_shape, x_shape, L, from_logits=from_logits, device=device, seed=2)
+    g = torch.randn(recon_shape[0]).to(device)
+    loss, grads = run(*inputs, grad_output=g, x_grad=True, backend=backend, reduction="none",
+                      from_logits=from_logits)
+    ref_loss, ref_grads = oracle.elbo(*inputs, grad_output=g, reduction="none", from_logits=from_logits)
+    assert_matches(loss, grads, ref_loss, ref_grads, inputs)
+
+
+def test_extreme_logits_and_logvar(backend_device):
+    backend, device = backend_device
+    B, N, L = 6, 40, 8
+    g = torch.Generator().manual_seed(3)
+    recon = torch.randn(B, N, generator=g) * 50
+    recon[0] = 1e4
+    recon[1] = -1e4
+    recon[2, ::2] = 1e4
+    recon[2, 1::2] = -1e4
+    x = torch.rand(B, N, generator=g)
+    x[:3, :10] = 0.0
+    x[:3, 10:20] = 1.0
+    mu = torch.randn(B, L, generator=g) * 100
+    logvar = torch.empty(B, L).uniform_(-30, 30, generator=g)
+    logvar[0] = 30.0
+    logvar[1] = -30.0
+    inputs = [t.to(device) for t in (recon, x, mu, logvar)]
+    go = torch.rand(B).to(device) + 0.5
+    for reduction in REDUCTIONS:
+        gout = go if reduction == "none" else go[0]
+        loss, grads = run(*inputs, grad_output=gout, x_grad=True, backend=backend, reduction=reduction)
+        assert torch.isfinite(loss).all()
+        assert all(torch.isfinite(v).all() for v in grads.values())
+        ref_loss, ref_grads = oracle.elbo(*inputs, grad_output=gout, reduction=reduction)
+        assert_matches(loss, grads, ref_loss, ref_grads, inputs)
+
+
+def test_probabilities_exactly_zero_and_one(backend_device):
+    backend, device = backend_device
+    # every combination of p in {0, 1, interior} and t in {0, 1, interior}
+    p = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.3, 0.3, 0.3]).repeat(4, 1)
+    t = torch.tensor([0.0, 1.0, 0.25, 0.0, 1.0, 0.25, 0.0, 1.0, 0.25]).repeat(4, 1)
+    mu, logvar = torch.randn(4, 3), torch.randn(4, 3)
+    inputs = [v.to(device) for v in (p, t, mu, logvar)]
+    go = torch.tensor([1.0, -2.0, 0.5, 3.0]).to(device)
+    loss, grads = run(*inputs, grad_output=go, x_grad=True, backend=backend, reduction="none",
+                      from_logits=False)
+    ref_loss, ref_grads = oracle.elbo(*inputs, grad_output=go, reduction="none", from_logits=False)
+    assert_matches(loss, grads, ref_loss, ref_grads, inputs)
+    # and exactly F.binary_cross_entropy's value, clamp at -100 included
+    bce = F.binary_cross_entropy(p, t, reduction="none").sum(1)
+    kl = 0.5 * (mu * mu + logvar.exp() - 1 - logvar).sum(1)
+    torch.testing.assert_close(loss.cpu(), bce + kl, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_low_precision_inputs(backend_device, dtype, from_logits):
+    backend, device = backend_device
+    # logits of scale 2: probabilities stay inside (0, 1) in fp16, so d recon fits in its range
+    inputs = make_inputs((9, 200), (9, 200), 20, from_logits=from_logits, device=device, dtype=dtype,
+                         seed=4, logit_scale=2.0)
+    go = torch.tensor(0.75).to(device)
+    loss, grads = run(*inputs, grad_output=go, backend=backend, reduction="sum", from_logits=from_logits)
+    assert loss.dtype == torch.float32
+    ref_loss, ref_grads = oracle.elbo(*inputs, grad_output=go, reduction="sum", from_logits=from_logits)
+    # the loss is accumulated in fp32 from the exact low-precision values: fp32-accurate
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=1e-5, atol=1e-5)
+    # each gradient is rounded once to the input dtype
+    eps = torch.finfo(dtype).eps
+    for name, g in grads.items():
+        assert g.dtype == dtype
+        ref = ref_grads[name]
+        torch.testing.assert_close(g.double().cpu(), ref, rtol=2 * eps, atol=2 * eps * ref.abs().max().item())
+
+
+def test_uint8_targets(backend_device):
+    backend, device = backend_device
+    inputs = make_inputs((6, 1, 5, 7), (6, 1, 5, 7), 4, from_logits=True, device=device,
+                         x_dtype=torch.uint8, seed=5)
+    for from_logits in (True, False):
+        if not from_logits:
+            inputs[0] = torch.sigmoid(inputs[0])
+        loss, grads = run(*inputs, backend=backend, reduction="mean", from_logits=from_logits)
+        ref_loss, ref_grads = oracle.elbo(*inputs, reduction="mean", from_logits=from_logits)
+        assert_matches(loss, grads, ref_loss, ref_grads, inputs)
+
+
+def test_non_contiguous_inputs_and_no_writes(backend_device):
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(6)
+    B, N, L = 8, 50, 6
+    recon = (torch.randn(B, 2 * N, generator=g) * 2)[:, ::2]             # column stride 2
+    x = torch.rand(N, B, generator=g).t()                                   # transposed
+    h = torch.randn(B, 2 * L, generator=g)
+    mu, logvar = h.chunk(2, dim=1)                                          # row stride 2L
+    x4 = torch.rand(B, 5, 10, 1, generator=g).permute(0, 3, 1, 2)          # 4-D, not viewable
+    for xin in (x, x4):
+        inputs = [t.to(device) for t in (recon, xin, mu, logvar)]
+        if device != "cpu":
+            inputs = [recon.to(device)[:, :], xin.to(device), *h.to(device).chunk(2, dim=1)]
+        before = [t.clone() for t in inputs]
+        go = torch.randn(B).to(device)
+        loss, grads = run(*inputs, grad_output=go, x_grad=True, backend=backend, reduction="none")
+        ref_loss, ref_grads = oracle.elbo(*inputs, grad_output=go, reduction="none")
+        assert_matches(loss, grads, ref_loss, ref_grads, inputs)
+        for a, b in zip(inputs, before):
+            assert torch.equal(a, b)
+
+
+def test_inputs_not_written_and_deterministic(backend_device):
+    backend, device = backend_device
+    inputs = make_inputs((64, 784), (64, 784), 20, from_logits=True, device=device, seed=7)
+    for t in (inputs[0], inputs[2], inputs[3]):
+        t.requires_grad_()
+    kept = [t.detach().clone() for t in inputs]
+    results = []
+    for _ in range(2):
+        loss = fastvae.elbo_loss(*inputs, backend=backend)
+        grads = torch.autograd.grad(loss, [inputs[0], inputs[2], inputs[3]])
+        results.append((loss, *grads))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)  # bitwise reproducible: no atomics
+    for a, b in zip(inputs, kept):
+        assert torch.equal(a.detach(), b)
+
+
+def test_matches_seed_loss_and_drop_in(backend_device):
+    """FusedELBO() on logits equals the seed's sigmoid + BCE + KL; FusedELBO(from_logits=False)
+    is the drop-in for PyTorch's VAE example loss_function."""
+    backend, device = backend_device
+    recon, x, mu, logvar = make_inputs((16, 784), (16, 1, 28, 28), 20, from_logits=True, device=device,
+                                       seed=8, logit_scale=2.0)
+    fused = fastvae.FusedELBO(backend=backend)(recon, x, mu, logvar)
+    torch.testing.assert_close(fused, eager_elbo(recon, x, mu, logvar), rtol=1e-5, atol=1e-3)
+
+    def loss_function(recon_x, x, mu, logvar):  # PyTorch's examples/vae/main.py
+        BCE = F.binary_cross_entropy(recon_x, x.view(-1, 784), reduction="sum")
+        KLD = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+        return BCE + KLD
+
+    p = torch.sigmoid(recon)
+    drop_in = fastvae.FusedELBO(from_logits=False, backend=backend)(p, x, mu, logvar)
+    torch.testing.assert_close(drop_in, loss_function(p, x, mu, logvar), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(recon=(4, 10), x=(4, 11), mu=(4, 3), logvar=(4, 3)),
+    dict(recon=(4, 10), x=(5, 8), mu=(4, 3), logvar=(4, 3)),
+    dict(recon=(4, 10), x=(4, 10), mu=(4, 3), logvar=(4, 2)),
+    dict(recon=(4, 10), x=(4, 10), mu=(3, 3), logvar=(3, 3)),
+    dict(recon=(4, 10), x=(4, 10), mu=(12,), logvar=(12,)),
+])
+def test_shape_mismatch_raises(backend_device, bad):
+    backend, device = backend_device
+    t = {k: torch.rand(v, device=device) for k, v in bad.items()}
+    with pytest.raises(ValueError) as info:
+        fastvae.elbo_loss(t["recon"], t["x"], t["mu"], t["logvar"], backend=backend)
+    for shape in bad.values():
+        assert str(shape) in str(info.value)
+
+
+def test_bad_arguments_raise():
+    r, x, m, v = torch.rand(2, 4), torch.rand(2, 4), torch.rand(2, 3), torch.rand(2, 3)
+    with pytest.raises(ValueError, match="reduction"):
+        fastvae.elbo_loss(r, x, m, v, reduction="avg")
+    with pytest.raises(ValueError, match="backend"):
+        fastvae.elbo_loss(r, x, m, v, backend="cuda")
+    with pytest.raises(ValueError, match="reduction"):
+        fastvae.FusedELBO(reduction="max")
+    with pytest.raises(TypeError, match="x must be floating point"):
+        fastvae.elbo_loss(r, torch.ones(2, 4, dtype=torch.int64), m, v)
+    with pytest.raises(TypeError, match="recon"):
+        fastvae.elbo_loss(torch.ones(2, 4, dtype=torch.int32), x, m, v)
+    with pytest.raises(ValueError, match="non-empty"):
+        fastvae.elbo_loss(torch.rand(0, 4), torch.rand(0, 4), torch.rand(0, 3), torch.rand(0, 3))
+
+
+def test_float64_fallback_gradcheck():
+    g = torch.Generator().manual_seed(9)
+    B, N, L = 3, 5, 2
+    for from_logits in (True, False):
+        s = torch.randn(B, N, generator=g, dtype=torch.float64)
+        recon = (s if from_logits else torch.sigmoid(s).clamp(0.05, 0.95)).requires_grad_()
+        x = torch.rand(B, N, generator=g, dtype=torch.float64).requires_grad_()
+        mu = torch.randn(B, L, generator=g, dtype=torch.float64).requires_grad_()
+        logvar = torch.randn(B, L, generator=g, dtype=torch.float64).requires_grad_()
+        for reduction in REDUCTIONS:
+            def f(r, t, m, v):
+                return fastvae.elbo_loss(r, t, m, v, reduction=reduction, beta=0.7,
+                                         from_logits=from_logits, backend="torch")
+            assert torch.autograd.gradcheck(f, (recon, x, mu, logvar))
+            assert torch.autograd.gradgradcheck is not None
+            assert f(recon, x, mu, logvar).dtype == torch.float64
+
+
+def test_backend_selection(monkeypatch):
+    r, x, m, v = torch.rand(2, 4), torch.rand(2, 4), torch.rand(2, 3), torch.rand(2, 3)
+    assert fastvae._backend.resolve("auto", r) == "torch"
+    monkeypatch.setenv("FASTVAE_BACKEND", "torch")
+    assert fastvae.default_backend() == "torch"
+    monkeypatch.setenv("FASTVAE_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FASTVAE_BACKEND"):
+        fastvae.elbo_loss(r, x, m, v)
+    monkeypatch.delenv("FASTVAE_BACKEND")
+    if fastvae.triton_available():
+        with pytest.raises(TypeError, match="float64"):
+            fastvae.elbo_loss(r.double(), x.double(), m.double(), v.double(), backend="triton")
+
+
+@pytest.mark.skipif(not fastvae.triton_available(), reason="needs triton")
+def test_triton_on_cpu_without_interpreter_is_a_clear_error():
+    code = ("import torch, fastvae\n"
+            "t = torch.rand(2, 4)\n"
+            "try:\n"
+            "    fastvae.elbo_loss(t, t, t[:, :3], t[:, :3], backend='triton')\n"
+            "except RuntimeError as e:\n"
+            "    print('ERR', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert "ERR" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
