@@ -47,9 +47,11 @@ class ELBOFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, recon, x, mu, logvar, beta: float, from_logits: bool, reduction: str):
         dt = _compute_dtype(recon)
-        s = recon.to(dt)
-        t = _target(x, dt)
-        rows = _bce_rows(s, t, from_logits) + beta * _kl_rows(mu.to(dt), logvar.to(dt))
+        # autocast-safe: the loss is always computed in fp32 (or fp64), whatever autocast is on
+        with torch.autocast(recon.device.type, enabled=False):
+            s = recon.to(dt)
+            t = _target(x, dt)
+            rows = _bce_rows(s, t, from_logits) + beta * _kl_rows(mu.to(dt), logvar.to(dt))
         ctx.save_for_backward(recon, x, mu, logvar)
         ctx.args = (beta, from_logits, reduction)
         return _reduce(rows, reduction)

@@ -302,3 +302,13 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     assert "ERR" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+
+
+def test_autocast_safe(backend_device):
+    """Under bf16 autocast the loss still accumulates in fp32 from the inputs as given."""
+    backend, device = backend_device
+    inputs = make_inputs((8, 300), (8, 300), 20, from_logits=True, device=device, seed=10)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        loss, grads = run(*inputs, backend=backend)
+    ref_loss, ref_grads = oracle.elbo(*inputs)
+    assert_matches(loss, grads, ref_loss, ref_grads, inputs)
