@@ -20,6 +20,24 @@ def _target(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.to(dtype)
 
 
+# Rows are processed in chunks of about this many elements, so the temporaries stay small and in
+# cache instead of being freshly allocated (and page-faulted) at the size of the whole batch.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _row_chunks(batch: int, width: int):
+    """Row slices covering [0, batch), or ``[None]`` (all rows at once) for a small batch or when
+    traced by torch.compile, which fuses the passes anyway."""
+    step = max(1, _CHUNK_ELEMENTS // max(width, 1))
+    if batch <= step or torch.compiler.is_compiling():
+        return [None]
+    return [slice(i, min(i + step, batch)) for i in range(0, batch, step)]
+
+
+def _take(t: Tensor, rows) -> Tensor:
+    return t if rows is None else t[rows]
+
+
 def _bce_rows(s: Tensor, t: Tensor, from_logits: bool) -> Tensor:
     """Per-row sum of BCE for 2-D ``s`` (logits or probabilities) and targets ``t``."""
     if from_logits:
@@ -49,9 +67,13 @@ class ELBOFunction(torch.autograd.Function):
         dt = _compute_dtype(recon)
         # autocast-safe: the loss is always computed in fp32 (or fp64), whatever autocast is on
         with torch.autocast(recon.device.type, enabled=False):
-            s = recon.to(dt)
-            t = _target(x, dt)
-            rows = _bce_rows(s, t, from_logits) + beta * _kl_rows(mu.to(dt), logvar.to(dt))
+            rows = beta * _kl_rows(mu.to(dt), logvar.to(dt))
+            for c in _row_chunks(*recon.shape):
+                bce = _bce_rows(_take(recon, c).to(dt), _target(_take(x, c), dt), from_logits)
+                if c is None:
+                    rows = rows + bce
+                else:
+                    rows[c] += bce
         ctx.save_for_backward(recon, x, mu, logvar)
         ctx.args = (beta, from_logits, reduction)
         return _reduce(rows, reduction)
@@ -66,21 +88,32 @@ class ELBOFunction(torch.autograd.Function):
         if reduction == "mean":
             g = g / B
         g_rows = g.reshape(-1, 1) if reduction == "none" else g
-        s = recon.to(dt)
-        t = _target(x, dt)
         drecon = dx = dmu = dlogvar = None
         if ctx.needs_input_grad[0]:
-            if from_logits:
-                d = torch.sigmoid(s).sub_(t)
-            else:
-                d = (s - t).div_((s * (1.0 - s)).clamp_(min=1e-12))
-            drecon = d.mul_(g_rows).to(recon.dtype)
+            drecon = torch.empty(recon.shape, dtype=recon.dtype, device=recon.device)
         if ctx.needs_input_grad[1]:
-            if from_logits:
-                dx = (-s).mul_(g_rows)
-            else:
-                dx = (torch.log1p(-s).clamp_(min=-100.0) - torch.log(s).clamp_(min=-100.0)).mul_(g_rows)
-            dx = dx.to(x.dtype)
+            dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        for c in _row_chunks(*recon.shape) if (drecon is not None or dx is not None) else ():
+            s = _take(recon, c).to(dt)
+            gc = _take(g_rows, c) if reduction == "none" else g_rows
+            if drecon is not None:
+                t = _target(_take(x, c), dt)
+                # on logits in full precision the result is written straight into the output
+                direct = from_logits and drecon.dtype == dt
+                if from_logits:
+                    d = torch.sigmoid(s, out=_take(drecon, c)) if direct else torch.sigmoid(s)
+                    d.sub_(t)
+                else:
+                    d = (s - t).div_((s * (1.0 - s)).clamp_(min=1e-12))
+                d.mul_(gc)
+                if not direct:
+                    _take(drecon, c).copy_(d)
+            if dx is not None:
+                if from_logits:
+                    d = (-s).mul_(gc)
+                else:
+                    d = (torch.log1p(-s).clamp_(min=-100.0) - torch.log(s).clamp_(min=-100.0)).mul_(gc)
+                _take(dx, c).copy_(d)
         gb = g_rows * beta
         if ctx.needs_input_grad[2]:
             dmu = (mu.to(dt) * gb).to(mu.dtype)

@@ -312,3 +312,21 @@ def test_autocast_safe(backend_device):
         loss, grads = run(*inputs, backend=backend)
     ref_loss, ref_grads = oracle.elbo(*inputs)
     assert_matches(loss, grads, ref_loss, ref_grads, inputs)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fallback_row_chunks(monkeypatch, reduction, from_logits, dtype):
+    """The fallback walks large batches in row chunks; force several (and a ragged last one)."""
+    monkeypatch.setattr(fastvae._fallback, "_CHUNK_ELEMENTS", 3 * 50)
+    inputs = make_inputs((11, 50), (11, 50), 5, from_logits=from_logits, device="cpu", dtype=dtype,
+                         seed=11, logit_scale=2.0)
+    assert len(fastvae._fallback._row_chunks(11, 50)) == 4
+    assert fastvae._fallback._row_chunks(3, 50) == [None]
+    go = torch.randn(11) if reduction == "none" else torch.tensor(2.5)
+    loss, grads = run(*inputs, grad_output=go, x_grad=True, backend="torch", reduction=reduction,
+                      from_logits=from_logits)
+    ref_loss, ref_grads = oracle.elbo(*inputs, grad_output=go, reduction=reduction, from_logits=from_logits)
+    tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    assert_matches(loss, grads, ref_loss, ref_grads, inputs, grad_rtol=tol)
