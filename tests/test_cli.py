@@ -1,0 +1,78 @@
+"""The command line: python -m fastvae train / evaluate / decode, and its error messages."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastvae.__main__ import main
+
+
+def test_python_m_fastvae_train_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastvae", "train", "--dataset", "mnist-5k", "--epochs", "1",
+           "--latent-dim", "4", "--hidden-dim", "64", "--batch-size", "100", "--lr", "2e-3", "--beta", "1",
+           "--seed", "3", "--device", "cpu", "--out", str(out), "--iw-samples", "8", "--no-progress"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "final test loss" in proc.stdout
+    assert "epoch 1/1" in proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    expected = {"latent_dim": 4, "hidden_dim": 64, "batch_size": 100, "lr": 2e-3, "beta": 1.0, "seed": 3}
+    assert {k: metrics["config"][k] for k in expected} == expected
+    assert metrics["dataset"] == "mnist-5k" and metrics["iw_samples"] == 8
+    assert (out / "reconstructions.png").exists() and not (out / "manifold.png").exists()
+
+    # resume to a second epoch, in-process
+    assert main(["train", "--out", str(out), "--epochs", "2", "--resume", "--device", "cpu", "--no-progress",
+                 "--no-figures"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["config"]["lr"] == 2e-3  # kept from the checkpoint
+
+    assert main(["decode", str(out), "--z", "0.5,0,0,0", "--z", "2,0,0,0", "--out", str(tmp_path / "z.png")]) == 0
+    assert (tmp_path / "z.png").stat().st_size > 1000
+
+
+def test_evaluate_command(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "mnist-5k", "--epochs", "1", "--out", str(out), "--device", "cpu",
+                 "--no-progress", "--no-figures"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--iw-samples", "10", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dataset"] == "mnist-5k" and result["iw_samples"] == 10 and result["n"] == 1000
+    assert result["iw_log_likelihood"] > result["elbo"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--latent-dim", "0"], "latent_dim must be an integer >= 1"),
+    (["--batch-size", "4001"], "batch_size 4001 is larger than the training set"),
+    (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "device 'cuda"),
+    (["--lr", "0"], "lr must be a positive number"),
+])
+def test_bad_arguments_exit_nonzero_with_message(args, message, tmp_path, capsys):
+    code = main(["train", "--dataset", "mnist-5k", "--out", str(tmp_path), "--no-progress", *args])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "fastvae train: error:" in err and message in err
+
+
+def test_unknown_dataset_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--dataset", "imagenet"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'imagenet'" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_is_reported(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path)]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_bad_latent_point(capsys):
+    with pytest.raises(SystemExit):
+        main(["decode", "x", "--z", "a,b"])
+    assert "comma-separated numbers" in capsys.readouterr().err

@@ -1,0 +1,113 @@
+"""fastvae.data: the offline data sets, IDX files (plain and .gz), and clear errors."""
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastvae.data import DataError, IDX_FILES, load_dataset
+
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTVAE_DATA", str(tmp_path / "cache"))
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    # IDX: two zero bytes, type 0x08 (uint8), number of dims, big-endian int32 sizes, then the data
+    header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, dtype=">i4").tobytes()
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx_set(folder: Path, n_train=6, n_test=4, gz=False, seed=0) -> dict:
+    rng = np.random.default_rng(seed)
+    arrays = {"train_x": rng.integers(0, 256, (n_train, 28, 28)), "train_y": rng.integers(0, 10, n_train),
+              "test_x": rng.integers(0, 256, (n_test, 28, 28)), "test_y": rng.integers(0, 10, n_test)}
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, stem in IDX_FILES.items():
+        data = _idx_bytes(arrays[key])
+        if gz:
+            (folder / f"{stem}.gz").write_bytes(gzip.compress(data))
+        else:
+            (folder / stem).write_bytes(data)
+    return arrays
+
+
+def test_mnist_5k_split_is_fixed_stratified_and_disjoint():
+    ds = load_dataset("mnist-5k")
+    assert ds.name == "mnist-5k"
+    assert ds.train_x.shape == (4000, 784) and ds.test_x.shape == (1000, 784)
+    assert ds.train_x.dtype == torch.uint8 and ds.train_y.dtype == torch.int64
+    assert torch.equal(torch.bincount(ds.train_y), torch.full((10,), 400))
+    assert torch.equal(torch.bincount(ds.test_y), torch.full((10,), 100))
+    assert ds.train_x.max() == 255 and ds.train_x.float().mean() > 20  # real digits, not blank
+    again = load_dataset("mnist-5k")
+    assert torch.equal(again.train_x, ds.train_x) and torch.equal(again.test_y, ds.test_y)
+    train_rows = {bytes(r.numpy()) for r in ds.train_x}
+    assert not any(bytes(r.numpy()) in train_rows for r in ds.test_x)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_files_in_data_dir_are_read(tmp_path, gz):
+    arrays = write_idx_set(tmp_path / "MNIST" / "raw", gz=gz)
+    ds = load_dataset("mnist", data_dir=tmp_path, download=False)
+    assert ds.name == "mnist"
+    assert torch.equal(ds.train_x, torch.as_tensor(arrays["train_x"].reshape(6, 784), dtype=torch.uint8))
+    assert torch.equal(ds.test_y, torch.as_tensor(arrays["test_y"], dtype=torch.int64))
+
+
+def test_auto_uses_full_mnist_when_present(tmp_path, capsys):
+    write_idx_set(tmp_path)
+    ds = load_dataset("auto", data_dir=tmp_path, download=False)
+    assert ds.name == "mnist" and ds.train_x.shape == (6, 784)
+    assert "using full MNIST" in capsys.readouterr().err
+
+
+def test_auto_falls_back_to_offline_data_loudly(tmp_path, capsys):
+    ds = load_dataset("auto", data_dir=tmp_path, download=False)
+    assert ds.name == "mnist-5k"
+    err = capsys.readouterr().err
+    assert "full MNIST could not be had" in err and "mnist-5k" in err
+
+
+def test_explicit_mnist_never_falls_back(tmp_path):
+    with pytest.raises(DataError, match="mnist was not found.*--data-dir"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+
+
+def test_corrupt_file_error_names_the_file(tmp_path):
+    write_idx_set(tmp_path)
+    bad = tmp_path / IDX_FILES["train_x"]
+    bad.write_bytes(bad.read_bytes()[:1000])  # truncated
+    with pytest.raises(DataError, match=f"{bad}.*delete it"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+
+
+def test_corrupt_gzip_error_names_the_file(tmp_path):
+    write_idx_set(tmp_path, gz=True)
+    bad = tmp_path / (IDX_FILES["test_y"] + ".gz")
+    bad.write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match=f"{bad}.*gzip"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+
+
+def test_partial_file_set_names_what_is_missing(tmp_path):
+    write_idx_set(tmp_path)
+    (tmp_path / IDX_FILES["test_x"]).unlink()
+    with pytest.raises(DataError, match="missing t10k-images-idx3-ubyte"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+
+
+def test_unknown_dataset_is_a_value_error():
+    with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
+        load_dataset("cifar")
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_found_offline_in_debian_package():
+    ds = load_dataset("fashion-mnist", download=False)
+    assert ds.train_x.shape == (60000, 784) and ds.test_x.shape == (10000, 784)
+    assert torch.equal(torch.bincount(ds.train_y), torch.full((10,), 6000))

@@ -1,0 +1,183 @@
+"""fastvae.train(): outputs, metrics, learning, exact resume, figures and bad arguments."""
+import json
+
+import matplotlib.image as mpimg
+import pytest
+import torch
+
+import fastvae
+from fastvae.baselines import seed_loader, seed_test, seed_train_epoch
+from fastvae.figures import compare_latents, save_decoded
+
+QUIET = dict(progress=False, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def mnist5k():
+    return fastvae.load_dataset("mnist-5k")
+
+
+@pytest.fixture(scope="module")
+def small(mnist5k):
+    return mnist5k.subset(640, 200)
+
+
+@pytest.fixture(scope="module")
+def run2d(tmp_path_factory):
+    """A real run by name: mnist-5k, latent 2, two epochs, IWAE with K = 64."""
+    out = tmp_path_factory.mktemp("run2d")
+    result = fastvae.train("mnist-5k", epochs=2, latent_dim=2, iw_samples=64, out_dir=out, **QUIET)
+    return result, out
+
+
+def test_run_writes_metrics_checkpoint_and_figures(run2d):
+    result, out = run2d
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(result.metrics))
+    for key in ("dataset", "device", "epochs", "train_loss", "test_loss", "epoch_seconds",
+                "samples_per_second", "final_test_loss", "iw_log_likelihood", "iw_samples"):
+        assert key in metrics, key
+    assert metrics["dataset"] == "mnist-5k" and metrics["epochs"] == 2 and metrics["iw_samples"] == 64
+    assert metrics["device"].startswith("cpu")
+    assert len(metrics["train_loss"]) == len(metrics["test_loss"]) == len(metrics["epoch_seconds"]) == 2
+    assert metrics["final_test_loss"] == metrics["test_loss"][-1]
+    assert metrics["samples_per_second"] == pytest.approx(4000 * 2 / sum(metrics["epoch_seconds"]))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["config"]["latent_dim"] == 2
+    assert {"model", "optimizer", "config", "rng"} <= set(ckpt)
+    names = {"reconstructions.png", "samples.png", "loss_curve.png", "latent_scatter.png", "manifold.png"}
+    assert set(metrics["figures"]) == names
+    for name in names:
+        img = mpimg.imread(out / name)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+        assert img[..., :3].std() > 0.05, f"{name} is blank"
+    assert not list(out.glob(".*tmp")), "a temporary file was left behind"
+
+
+def test_loss_decreases_and_reaches_sane_values(run2d):
+    m = run2d[0].metrics
+    assert m["train_loss"][1] < m["train_loss"][0] - 20
+    assert m["test_loss"][1] < m["test_loss"][0]
+    assert 150 < m["final_test_loss"] < 240  # nats per image for a 2-d latent after two short epochs
+    # the K = 64 importance-weighted bound is tighter than the single-sample ELBO
+    assert -m["final_test_loss"] < m["iw_log_likelihood"] < 0
+
+
+def test_decode_chosen_latents_of_trained_model(run2d, tmp_path):
+    model = run2d[0].model
+    images = fastvae.decode_latents(model, [[0.5, 0.0], [2.0, 0.0]])
+    assert images.shape == (2, 784) and not torch.equal(images[0], images[1])
+    path = save_decoded(model, [[0.5, 0.0], [2.0, 0.0]], tmp_path / "z.png")
+    assert mpimg.imread(path).shape[1] > 100
+
+
+def test_load_checkpoint_and_evaluate(run2d, mnist5k):
+    model, ckpt = fastvae.load_checkpoint(run2d[1])
+    result = fastvae.evaluate(model, mnist5k, iw_samples=16, generator=torch.Generator().manual_seed(0))
+    assert result["n"] == 1000
+    assert result["test_loss"] == pytest.approx(run2d[0].metrics["final_test_loss"], abs=2.0)
+    assert result["iw_log_likelihood"] > result["elbo"]
+
+
+def _state(out):
+    return torch.load(out / "checkpoint.pt", weights_only=True)
+
+
+def _assert_equal_tree(a, b, path="state"):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_equal_tree(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_equal_tree(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    else:
+        assert a == b, path
+
+
+def test_resume_reproduces_uninterrupted_run_exactly(small, tmp_path):
+    kw = dict(batch_size=64, figures=False, **QUIET)
+    straight = fastvae.train(small, epochs=3, out_dir=tmp_path / "a", **kw)
+    fastvae.train(small, epochs=1, out_dir=tmp_path / "b", **kw)
+    resumed = fastvae.train(small, epochs=3, out_dir=tmp_path / "b", resume=True, **kw)
+    a, b = _state(tmp_path / "a"), _state(tmp_path / "b")
+    for name in ("model", "optimizer", "rng", "epoch", "history"):
+        if name == "history":
+            a[name].pop("epoch_seconds"), b[name].pop("epoch_seconds")
+        _assert_equal_tree(a[name], b[name], name)
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+    assert resumed.metrics["train_loss"] == straight.metrics["train_loss"]
+    # a different seed really gives different weights: the equality above is not vacuous
+    other = fastvae.train(small, epochs=1, seed=2, out_dir=None, **kw)
+    assert not torch.equal(other.model.fc1.weight, resumed.model.fc1.weight)
+
+
+def test_resume_refuses_changed_settings(small, tmp_path):
+    fastvae.train(small, epochs=1, batch_size=64, out_dir=tmp_path, figures=False, **QUIET)
+    with pytest.raises(ValueError, match="lr=0.001/0.01"):
+        fastvae.train(small, epochs=2, lr=0.01, out_dir=tmp_path, resume=True, **QUIET)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"dataset": "cifar10"}, "unknown dataset 'cifar10'"),
+    ({"latent_dim": 0}, "latent_dim must be an integer >= 1"),
+    ({"hidden_dim": 2.5}, "hidden_dim must be an integer >= 1"),
+    ({"epochs": 0}, "epochs must be an integer >= 1"),
+    ({"lr": -1.0}, "lr must be a positive number"),
+    ({"beta": float("nan")}, "beta must be a number >= 0"),
+    ({"batch_size": 4001, "dataset": "mnist-5k"}, "batch_size 4001 is larger than the training set"),
+    ({"device": "cuda:99" if torch.cuda.is_available() else "cuda"}, "device 'cuda.*"),
+    ({"device": "tpu"}, "unknown device 'tpu'|not supported"),
+    ({"backend": "cudnn"}, "backend must be one of"),
+    ({"iw_samples": -5}, "iw_samples must be an integer >= 0"),
+])
+def test_bad_arguments_raise_value_error(kwargs, match, tmp_path):
+    kwargs = {"dataset": "mnist-5k", "out_dir": tmp_path, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        fastvae.train(progress=False, **kwargs)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_seed_style_baseline_learns_like_fastvae(small):
+    torch.manual_seed(1)
+    model = fastvae.VAE()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = seed_loader(small.train_x, small.train_y, batch_size=64)
+    losses = [seed_train_epoch(model, loader, opt) for _ in range(3)]
+    test = seed_test(model, seed_loader(small.test_x, small.test_y, shuffle=False))
+    fast = fastvae.train(small, epochs=3, batch_size=64, out_dir=None, **QUIET).metrics
+    assert losses[2] < losses[0] - 50
+    # same model, same data, same optimiser: the two loops land close together
+    assert test == pytest.approx(fast["final_test_loss"], rel=0.05)
+
+
+def test_amp_and_torch_backend_paths_train(small):
+    tiny = small.subset(256, 64)
+    for kw in ({"amp": True}, {"backend": "torch"}):
+        m = fastvae.train(tiny, epochs=2, batch_size=64, out_dir=None, **QUIET, **kw).metrics
+        assert all(torch.isfinite(torch.tensor(m["train_loss"]))) and m["train_loss"][1] < m["train_loss"][0]
+
+
+def test_triton_backend_smoke(small):
+    # under TRITON_INTERPRET=1 (tests/conftest.py) this runs the real kernels on CPU, slowly
+    from fastvae._backend import interpreter_enabled
+
+    if not (torch.cuda.is_available() or interpreter_enabled()):
+        pytest.skip("Triton kernels need a GPU or the interpreter")
+    tiny = small.subset(128, 32)
+    m = fastvae.train(tiny, epochs=2, batch_size=64, backend="triton", out_dir=None, **QUIET).metrics
+    ref = fastvae.train(tiny, epochs=2, batch_size=64, backend="torch", out_dir=None, **QUIET).metrics
+    assert m["train_loss"][1] < m["train_loss"][0]
+    assert m["train_loss"][0] == pytest.approx(ref["train_loss"][0], rel=0.02)
+
+
+def test_compare_latents_figure(small, tmp_path):
+    path = compare_latents(small.subset(256, 16), latent_dims=(8, 2), out_dir=tmp_path, epochs=1,
+                           batch_size=64, figures=False, **QUIET)
+    assert path.name == "latent_comparison.png"
+    assert mpimg.imread(path).shape[0] > 100
+    assert (tmp_path / "latent-8" / "metrics.json").exists() and (tmp_path / "latent-2" / "checkpoint.pt").exists()
