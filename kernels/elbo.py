@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tiles import load_tile_pair, row_block
+
 _MAX_BLOCK_N = 1024
 _TILE = 4096  # elements per (BLOCK_M x BLOCK_N) tile
 
@@ -41,21 +43,13 @@ def _elbo_rows_kernel(
     FROM_LOGITS: tl.constexpr, X_U8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_ok = rows < B
+    rows, row_ok = row_block(B, BLOCK_M)
     beta = tl.cast(beta, tl.float32)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        m = row_ok[:, None] & (cols < N)[None, :]
-        s = tl.load(recon_ptr + rows[:, None] * stride_rb + cols[None, :] * stride_rn, mask=m, other=0.5)
-        s = s.to(tl.float32)
-        t = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xn, mask=m, other=0)
-        t = t.to(tl.float32)
-        if X_U8:
-            t = t / 255.0
+        cols, m, s, t = load_tile_pair(recon_ptr, x_ptr, rows, row_ok, n0, N, stride_rb, stride_rn,
+                                       stride_xb, stride_xn, 0.5, X_U8, BLOCK_N)
         if FROM_LOGITS:
             # max(s, 0) - s*t + log(1 + exp(-|s|)): no sigmoid, no overflow
             val = tl.maximum(s, 0.0) - s * t + _log1p_small(tl.exp(-tl.abs(s)))
@@ -69,10 +63,8 @@ def _elbo_rows_kernel(
 
     kacc = tl.zeros([BLOCK_M, BLOCK_L], dtype=tl.float32)
     for l0 in range(0, L, BLOCK_L):
-        cols = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
-        m = row_ok[:, None] & (cols < L)[None, :]
-        mu = tl.load(mu_ptr + rows[:, None] * stride_mb + cols[None, :] * stride_ml, mask=m, other=0).to(tl.float32)
-        lv = tl.load(logvar_ptr + rows[:, None] * stride_vb + cols[None, :] * stride_vl, mask=m, other=0).to(tl.float32)
+        cols, m, mu, lv = load_tile_pair(mu_ptr, logvar_ptr, rows, row_ok, l0, L, stride_mb, stride_ml,
+                                         stride_vb, stride_vl, 0, False, BLOCK_L)
         kacc += tl.where(m, mu * mu + tl.exp(lv) - 1.0 - lv, 0.0)
     kl = 0.5 * tl.sum(kacc, axis=1)
 
@@ -104,23 +96,15 @@ def _elbo_bwd_kernel(
     MEAN: tl.constexpr, FROM_LOGITS: tl.constexpr, X_U8: tl.constexpr, X_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_ok = rows < B
+    rows, row_ok = row_block(B, BLOCK_M)
     g = tl.load(g_ptr + rows * stride_g, mask=row_ok, other=0.0).to(tl.float32)
     if MEAN:
         g = g / B
     g2 = g[:, None]
 
     for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        m = row_ok[:, None] & (cols < N)[None, :]
-        s = tl.load(recon_ptr + rows[:, None] * stride_rb + cols[None, :] * stride_rn, mask=m, other=0.5)
-        s = s.to(tl.float32)
-        t = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xn, mask=m, other=0)
-        t = t.to(tl.float32)
-        if X_U8:
-            t = t / 255.0
+        cols, m, s, t = load_tile_pair(recon_ptr, x_ptr, rows, row_ok, n0, N, stride_rb, stride_rn,
+                                       stride_xb, stride_xn, 0.5, X_U8, BLOCK_N)
         if FROM_LOGITS:
             d = tl.sigmoid(s) - t
         else:
@@ -138,10 +122,8 @@ def _elbo_bwd_kernel(
 
     gb = g2 * tl.cast(beta, tl.float32)
     for l0 in range(0, L, BLOCK_L):
-        cols = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
-        m = row_ok[:, None] & (cols < L)[None, :]
-        mu = tl.load(mu_ptr + rows[:, None] * stride_mb + cols[None, :] * stride_ml, mask=m, other=0).to(tl.float32)
-        lv = tl.load(logvar_ptr + rows[:, None] * stride_vb + cols[None, :] * stride_vl, mask=m, other=0).to(tl.float32)
+        cols, m, mu, lv = load_tile_pair(mu_ptr, logvar_ptr, rows, row_ok, l0, L, stride_mb, stride_ml,
+                                         stride_vb, stride_vl, 0, False, BLOCK_L)
         out = rows[:, None] * L + cols[None, :]
         tl.store(dmu_ptr + out, (gb * mu).to(dmu_ptr.dtype.element_ty), mask=m)
         tl.store(dlogvar_ptr + out, (gb * 0.5 * (tl.exp(lv) - 1.0)).to(dlogvar_ptr.dtype.element_ty), mask=m)

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tiles import load_tile, load_tile_pair, row_block
+
 _TILE = 2048
 
 
@@ -18,8 +20,7 @@ _TILE = 2048
 def _noise(seed_ptr, eps_ptr, rows, cols, L, stride_eb, stride_el, m,
            HAS_EPS: tl.constexpr, RNG64: tl.constexpr):
     if HAS_EPS:
-        e = tl.load(eps_ptr + rows[:, None] * stride_eb + cols[None, :] * stride_el, mask=m, other=0)
-        e = e.to(tl.float32)
+        e = load_tile(eps_ptr, rows, cols, stride_eb, stride_el, m, 0)
     else:
         seed = tl.load(seed_ptr)
         idx = rows[:, None] * L + cols[None, :]
@@ -38,14 +39,10 @@ def _reparam_fwd_kernel(
     HAS_EPS: tl.constexpr, RNG64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_ok = rows < M
+    rows, row_ok = row_block(M, BLOCK_M)
     for l0 in range(0, L, BLOCK_L):
-        cols = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
-        m = row_ok[:, None] & (cols < L)[None, :]
-        mu = tl.load(mu_ptr + rows[:, None] * stride_mb + cols[None, :] * stride_ml, mask=m, other=0).to(tl.float32)
-        lv = tl.load(logvar_ptr + rows[:, None] * stride_vb + cols[None, :] * stride_vl, mask=m, other=0).to(tl.float32)
+        cols, m, mu, lv = load_tile_pair(mu_ptr, logvar_ptr, rows, row_ok, l0, L, stride_mb, stride_ml,
+                                         stride_vb, stride_vl, 0, False, BLOCK_L)
         e = _noise(seed_ptr, eps_ptr, rows, cols, L, stride_eb, stride_el, m, HAS_EPS, RNG64)
         z = mu + tl.exp(0.5 * lv) * e
         tl.store(z_ptr + rows[:, None] * L + cols[None, :], z.to(z_ptr.dtype.element_ty), mask=m)
@@ -59,14 +56,10 @@ def _reparam_bwd_kernel(
     HAS_EPS: tl.constexpr, RNG64: tl.constexpr, EPS_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_ok = rows < M
+    rows, row_ok = row_block(M, BLOCK_M)
     for l0 in range(0, L, BLOCK_L):
-        cols = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
-        m = row_ok[:, None] & (cols < L)[None, :]
-        g = tl.load(g_ptr + rows[:, None] * stride_gb + cols[None, :] * stride_gl, mask=m, other=0).to(tl.float32)
-        lv = tl.load(logvar_ptr + rows[:, None] * stride_vb + cols[None, :] * stride_vl, mask=m, other=0).to(tl.float32)
+        cols, m, g, lv = load_tile_pair(g_ptr, logvar_ptr, rows, row_ok, l0, L, stride_gb, stride_gl,
+                                        stride_vb, stride_vl, 0, False, BLOCK_L)
         e = _noise(seed_ptr, eps_ptr, rows, cols, L, stride_eb, stride_el, m, HAS_EPS, RNG64)
         sigma = tl.exp(0.5 * lv)
         out = rows[:, None] * L + cols[None, :]
