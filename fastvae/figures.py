@@ -122,14 +122,17 @@ def _require_2d(model: VAE, what: str) -> None:
 
 
 @torch.no_grad()
-def save_latent_scatter(model: VAE, x: Tensor, labels: Tensor, path: PathLike) -> Path:
-    """mu of each image in the 2-D latent space, coloured by its label."""
+def save_latent_scatter(model: VAE, x: Tensor, labels: Tensor, path: PathLike,
+                        class_names: Optional[Sequence[str]] = None) -> Path:
+    """mu of each image in the 2-D latent space, coloured by its label (named by ``class_names``)."""
     _require_2d(model, "latent_scatter")
     mu, _ = model.encode(x.to(model.fc1.weight.device))
     mu, labels = mu.float().cpu().numpy(), labels.cpu().numpy()
     fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
     sc = ax.scatter(mu[:, 0], mu[:, 1], c=labels, cmap="tab10", s=4, alpha=0.7, vmin=-0.5, vmax=9.5)
-    fig.colorbar(sc, ax=ax, ticks=range(10), label="label")
+    bar = fig.colorbar(sc, ax=ax, ticks=range(10), label="label")
+    if class_names:
+        bar.set_ticklabels(list(class_names))
     ax.set_xlabel("$\\mu_1$")
     ax.set_ylabel("$\\mu_2$")
     ax.set_title("test images in latent space")
@@ -182,7 +185,10 @@ def write_run_figures(model: VAE, data: Dataset, history: dict, out_dir: PathLik
              save_samples(model, out / "samples.png", seed=seed),
              save_loss_curve(history, out / "loss_curve.png")]
     if model.latent_dim == 2:
-        paths += [save_latent_scatter(model, data.test_x, data.test_y, out / "latent_scatter.png"),
+        from torchvision.datasets import FashionMNIST
+
+        names = FashionMNIST.classes if data.name == "fashion-mnist" else None
+        paths += [save_latent_scatter(model, data.test_x, data.test_y, out / "latent_scatter.png", names),
                   save_manifold(model, out / "manifold.png")]
     return [p.name for p in paths]
 
