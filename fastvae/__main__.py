@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -82,7 +83,8 @@ def _run(args) -> int:
         result = train(args.dataset, latent_dim=args.latent_dim, out_dir=args.out, resume=args.resume,
                        iw_samples=args.iw_samples, figures=not args.no_figures, **_train_kwargs(args))
         m = result.metrics
-        print(f"final test loss {m['final_test_loss']:.2f} nats on {m['dataset']}; outputs in {args.out}")
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line from rank 0 only
+            print(f"final test loss {m['final_test_loss']:.2f} nats on {m['dataset']}; outputs in {args.out}")
     elif args.command == "evaluate":
         import torch
 
