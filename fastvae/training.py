@@ -342,9 +342,9 @@ def train(dataset: Union[str, Dataset, None] = None, *, epochs: Optional[int] = 
         if changed:
             raise ValueError("resume: these settings differ from the checkpoint's (saved, given): "
                              + ", ".join(f"{k}={a!r}/{b!r}" for k, (a, b) in changed.items()))
-    base = {**DEFAULTS, **(ckpt["config"] if ckpt else {})}
-    base.pop("epochs")
-    cfg = {**DEFAULTS, **base, **explicit}
+    # resuming without epochs= continues to the checkpoint's own target (an interrupted run ends
+    # where it was meant to); epochs= extends or sets it
+    cfg = {**DEFAULTS, **(ckpt["config"] if ckpt else {}), **explicit}
     if isinstance(dataset, Dataset):
         cfg["dataset"] = dataset.name
     _check_args(cfg, backend, iw_samples, check_name=not isinstance(dataset, Dataset))

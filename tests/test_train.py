@@ -116,6 +116,17 @@ def test_resume_reproduces_uninterrupted_run_exactly(small, tmp_path):
     assert not torch.equal(other.model.fc1.weight, resumed.model.fc1.weight)
 
 
+def test_resume_without_epochs_continues_to_the_checkpoints_target(small, tmp_path):
+    """An interrupted run (target 3, stopped after epoch 1) resumed with plain resume=True."""
+    fastvae.train(small, epochs=1, batch_size=64, out_dir=tmp_path, figures=False, **QUIET)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    ckpt["config"]["epochs"] = 3  # as written after epoch 1 of an `epochs=3` run
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    resumed = fastvae.train(small, out_dir=tmp_path, resume=True, figures=False, **QUIET)
+    assert resumed.metrics["epochs"] == 3 and len(resumed.metrics["train_loss"]) == 3
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 3
+
+
 def test_resume_refuses_changed_settings(small, tmp_path):
     fastvae.train(small, epochs=1, batch_size=64, out_dir=tmp_path, figures=False, **QUIET)
     with pytest.raises(ValueError, match="lr=0.001/0.01"):
