@@ -62,10 +62,12 @@ class VAE(nn.Module):
         """Pixel probabilities of p(x | z), [B, input_dim]."""
         return torch.sigmoid(self.decode_logits(z))
 
-    def forward(self, x: Tensor, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:
-        """(recon_logits, mu, logvar), with z drawn by :func:`fastvae.reparameterize`."""
+    def forward(self, x: Tensor, generator: Optional[torch.Generator] = None,
+                eps: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(recon_logits, mu, logvar), with z from :func:`fastvae.reparameterize`: its noise drawn
+        in the kernel from ``generator``, or the given ``eps`` [B, latent_dim]."""
         mu, logvar = self.encode(x)
-        z = reparameterize(mu, logvar, generator=generator, backend=self.backend)
+        z = reparameterize(mu, logvar, eps=eps, generator=generator, backend=self.backend)
         return self.decode_logits(z), mu, logvar
 
     @torch.no_grad()

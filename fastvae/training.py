@@ -210,20 +210,30 @@ class Trainer:
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if amp
                          else contextlib.nullcontext())
         self.forward_loss = self._forward_loss
+        self.compiled = compile
         if compile:
             mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on GPU
             self.forward_loss = torch.compile(self._forward_loss, mode=mode)
 
-    def _forward_loss(self, xb: Tensor) -> Tensor:
+    def _forward_loss(self, xb: Tensor, eps: Optional[Tensor] = None) -> Tensor:
         xf = self.model.prepare_input(xb)  # uint8 -> float once, shared by the encoder and the loss
         # the Triton loss reads uint8 targets itself (4x fewer bytes); the CPU fallback takes xf
         target = xb if self.device.type == "cuda" else xf
         with self.autocast:
-            logits, mu, logvar = self.net(xf, generator=self.noise_gen)
+            if eps is None:
+                logits, mu, logvar = self.net(xf, generator=self.noise_gen)
+            else:
+                logits, mu, logvar = self.net(xf, eps=eps)
             return self.loss_fn(logits, target, mu, logvar)
 
     def step(self, xb: Tensor) -> Tensor:
-        loss = self.forward_loss(xb)
+        eps = None
+        if self.compiled:
+            # torch.compile cannot take a torch.Generator into its graph: the step's noise is drawn
+            # from the run's generator outside it, so the forward and loss stay one graph
+            eps = torch.randn((xb.shape[0], self.model.latent_dim), generator=self.noise_gen,
+                              device=self.device)
+        loss = self.forward_loss(xb, eps)
         # DDP averages gradients over ranks; scaling by the world size makes them the gradient
         # of the summed loss over the global batch, as in one process
         (loss * self.d.world if self.d.world > 1 else loss).backward()
