@@ -21,6 +21,7 @@ import triton.language as tl
 from ._tiles import load_tile_pair, row_block
 
 _MAX_BLOCK_N = 1024
+_MAX_BLOCK_M = 64
 _TILE = 4096  # elements per (BLOCK_M x BLOCK_N) tile
 
 
@@ -133,7 +134,7 @@ def _blocks(N: int, L: int):
     # from the feature sizes only, so a changing batch size (symbolic under torch.compile)
     # reuses one kernel configuration
     block_n = min(_MAX_BLOCK_N, triton.next_power_of_2(max(N, 1)))
-    block_m = max(1, _TILE // block_n)
+    block_m = max(1, min(_MAX_BLOCK_M, _TILE // block_n))  # capped: tiny N must not make huge tiles
     block_l = min(128, triton.next_power_of_2(max(L, 1)))
     return block_m, block_n, block_l
 
