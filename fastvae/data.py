@@ -114,8 +114,9 @@ def _read_idx(path: Path, cache_raw: Path) -> Tensor:
                         "download it again") from e
 
 
-def _find_idx(name: str, dirs: list[Path]) -> Optional[dict[str, Path]]:
-    """The first directory holding all four IDX files (plain or .gz), as {key: path}."""
+def _find_idx(name: str, dirs: list[Path], refill: Optional[Path] = None) -> Optional[dict[str, Path]]:
+    """The first directory holding all four IDX files (plain or .gz), as {key: path}. A part of the
+    set is an error, except in ``refill``, the folder a download will complete."""
     for d in dirs:
         found = {}
         for key, stem in IDX_FILES.items():
@@ -125,7 +126,7 @@ def _find_idx(name: str, dirs: list[Path]) -> Optional[dict[str, Path]]:
                     break
         if len(found) == len(IDX_FILES):
             return found
-        if found:
+        if found and d != refill:
             missing = sorted(set(IDX_FILES.values()) - {p.name.removesuffix(".gz") for p in found.values()})
             raise DataError(f"{d} holds only part of {name}: missing {', '.join(missing)}; "
                             f"{_fix_hint(name)}")
@@ -139,7 +140,8 @@ def _load_idx_dataset(name: str, data_dir: Optional[Path], download: bool) -> Da
     dirs = [root, root / "raw", cache_raw]
     if name == "fashion-mnist":
         dirs.append(DEBIAN_FASHION_DIR)
-    files = _find_idx(name, dirs)
+    # an interrupted download leaves part of the set in cache_raw: downloading again completes it
+    files = _find_idx(name, dirs, refill=cache_raw if download else None)
     if files is None:
         if not download:
             raise DataError(f"{name} was not found in {', '.join(map(str, dirs))}; {_fix_hint(name)}")

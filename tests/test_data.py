@@ -101,6 +101,25 @@ def test_partial_file_set_names_what_is_missing(tmp_path):
         load_dataset("mnist", data_dir=tmp_path, download=False)
 
 
+def test_partial_download_in_the_cache_is_completed_by_downloading(tmp_path, monkeypatch):
+    import torchvision
+
+    raw = tmp_path / "cache" / "MNIST" / "raw"
+    write_idx_set(raw)
+    (raw / IDX_FILES["test_x"]).unlink()  # what an interrupted download leaves
+    calls = []
+
+    class FakeMNIST:  # stands in for torchvision's download, which fetches the missing files
+        def __init__(self, root, train, download):
+            calls.append((train, download))
+            write_idx_set(Path(root) / "MNIST" / "raw")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST)
+    ds = load_dataset("mnist", download=True)
+    assert calls == [(True, True), (False, True)]
+    assert ds.train_x.shape == (6, 784) and ds.test_x.shape == (4, 784)
+
+
 def test_unknown_dataset_is_a_value_error():
     with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
         load_dataset("cifar")
