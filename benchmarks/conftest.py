@@ -41,12 +41,13 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import platform
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from fastvae._backend import hardware_name
 
 HERE = Path(__file__).resolve().parent
 MAX_ROUNDS = 1000
@@ -70,21 +71,8 @@ def _resolve_device(config) -> torch.device:
     return torch.device(choice)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def name_of(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return cpu_name()
+    return hardware_name(device)
 
 
 def suite_device(config) -> torch.device:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import platform
 
 import torch
 
@@ -74,3 +75,17 @@ def resolve(backend: str, *tensors: torch.Tensor) -> str:
                 "before fastvae is imported). Use backend='torch' or 'auto' for CPU tensors."
             )
     return backend
+
+
+def hardware_name(device: torch.device) -> str:
+    """The GPU's name for a CUDA device, else the CPU's model name (for results and logs)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._backend import BACKENDS
+from ._backend import BACKENDS, hardware_name
 from .data import DATASETS, Dataset, load_dataset
 from .evaluate import evaluate, neg_elbo_sum
 from .model import VAE
@@ -169,18 +169,8 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
 
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu ({name}, {torch.get_num_threads()} threads)"
+        return hardware_name(device)
+    return f"cpu ({hardware_name(device)}, {torch.get_num_threads()} threads)"
 
 
 # ----------------------------------------------------------------------------- the loop
