@@ -28,7 +28,8 @@ def interpreter_enabled() -> bool:
     return _triton_ops.KERNELS_INTERPRETED
 
 
-def _check_name(backend: str) -> str:
+def check_backend(backend: str) -> str:
+    """``backend`` if it is one of BACKENDS, else a ValueError."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return backend
@@ -49,7 +50,7 @@ def resolve(backend: str, *tensors: torch.Tensor) -> str:
     the Triton kernels (float64 stays on the exact PyTorch path) and everything else to the
     fallback. ``triton`` is honoured or refused with a clear error, never silently replaced.
     """
-    backend = _check_name(backend)
+    backend = check_backend(backend)
     if backend == "auto":
         backend = default_backend()
     if backend == "auto":

@@ -26,9 +26,15 @@ def _check_float(name: str, t: Tensor) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
 
 
-def _check_elbo_inputs(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, reduction: str) -> None:
+def check_reduction(reduction: str) -> str:
+    """``reduction`` if it is one of REDUCTIONS, else a ValueError."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def _check_elbo_inputs(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, reduction: str) -> None:
+    check_reduction(reduction)
     for name, t in (("recon", recon), ("x", x), ("mu", mu), ("logvar", logvar)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ._backend import BACKENDS
+from ._backend import check_backend
 from .functional import reparameterize
 
 
@@ -25,8 +25,7 @@ class VAE(nn.Module):
         for name, value in (("input_dim", input_dim), ("hidden_dim", hidden_dim), ("latent_dim", latent_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         self.input_dim, self.hidden_dim, self.latent_dim = input_dim, hidden_dim, latent_dim
         self.backend = backend
         self.fc1 = nn.Linear(input_dim, hidden_dim)

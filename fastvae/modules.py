@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from . import functional as F
-from ._backend import BACKENDS
+from ._backend import check_backend
 
 
 class FusedELBO(nn.Module):
@@ -17,14 +17,10 @@ class FusedELBO(nn.Module):
     def __init__(self, reduction: str = "sum", beta: float = 1.0, from_logits: bool = True,
                  backend: str = "auto"):
         super().__init__()
-        if reduction not in F.REDUCTIONS:
-            raise ValueError(f"reduction must be one of {F.REDUCTIONS}, got {reduction!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.reduction = reduction
+        self.reduction = F.check_reduction(reduction)
         self.beta = float(beta)
         self.from_logits = bool(from_logits)
-        self.backend = backend
+        self.backend = check_backend(backend)
 
     def forward(self, recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
         return F.elbo_loss(recon, x, mu, logvar, reduction=self.reduction, beta=self.beta,

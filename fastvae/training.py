@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._backend import BACKENDS, hardware_name
+from ._backend import check_backend, hardware_name
 from .data import DATASETS, Dataset, load_dataset
 from .evaluate import evaluate, neg_elbo_sum
 from .model import VAE
@@ -91,8 +91,7 @@ def _check_args(cfg: dict, backend: str, iw_samples: int, check_name: bool = Tru
         raise ValueError(f"beta must be a number >= 0, got {cfg['beta']!r}")
     if isinstance(cfg["seed"], bool) or not isinstance(cfg["seed"], int):
         raise ValueError(f"seed must be an integer, got {cfg['seed']!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if isinstance(iw_samples, bool) or not isinstance(iw_samples, int) or iw_samples < 0:
         raise ValueError(f"iw_samples must be an integer >= 0, got {iw_samples!r}")
 
