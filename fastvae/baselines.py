@@ -43,6 +43,12 @@ def seed_loader(images: Tensor, labels: Tensor, batch_size: int = 128, shuffle: 
     return DataLoader(TensorDataset(x, labels), batch_size=batch_size, shuffle=shuffle)
 
 
+def _seed_loss(model, data: Tensor) -> Tensor:
+    mu, logvar = model.encode(data)
+    recon_logits = model.decode_logits(eager_reparameterize(mu, logvar))
+    return eager_elbo(recon_logits, data, mu, logvar)
+
+
 def seed_train_epoch(model, loader, optimizer, device="cpu") -> float:
     """One epoch of the seed's loop: per-batch ``.to(device)``, eager loss, Adam, ``loss.item()`` per step.
 
@@ -53,9 +59,7 @@ def seed_train_epoch(model, loader, optimizer, device="cpu") -> float:
     for data, _ in loader:
         data = data.to(device)
         optimizer.zero_grad()
-        mu, logvar = model.encode(data)
-        recon_logits = model.decode_logits(eager_reparameterize(mu, logvar))
-        loss = eager_elbo(recon_logits, data, mu, logvar)
+        loss = _seed_loss(model, data)
         loss.backward()
         total += loss.item()
         optimizer.step()
@@ -68,8 +72,5 @@ def seed_test(model, loader, device="cpu") -> float:
     model.eval()
     total = 0.0
     for data, _ in loader:
-        data = data.to(device)
-        mu, logvar = model.encode(data)
-        recon_logits = model.decode_logits(eager_reparameterize(mu, logvar))
-        total += eager_elbo(recon_logits, data, mu, logvar).item()
+        total += _seed_loss(model, data.to(device)).item()
     return total / len(loader.dataset)

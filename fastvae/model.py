@@ -11,6 +11,12 @@ from ._backend import check_backend
 from .functional import reparameterize
 
 
+def check_positive_int(name: str, value) -> None:
+    """A ValueError unless ``value`` is an int >= 1 (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 class VAE(nn.Module):
     """``input_dim -> hidden_dim -> (mu, logvar) [latent_dim] -> hidden_dim -> input_dim`` logits.
 
@@ -23,8 +29,7 @@ class VAE(nn.Module):
                  backend: str = "auto"):
         super().__init__()
         for name, value in (("input_dim", input_dim), ("hidden_dim", hidden_dim), ("latent_dim", latent_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, value)
         check_backend(backend)
         self.input_dim, self.hidden_dim, self.latent_dim = input_dim, hidden_dim, latent_dim
         self.backend = backend

@@ -31,7 +31,7 @@ from torch import Tensor
 from ._backend import check_backend, hardware_name
 from .data import DATASETS, Dataset, load_dataset
 from .evaluate import evaluate, neg_elbo_sum
-from .model import VAE
+from .model import VAE, check_positive_int
 from .modules import FusedELBO
 
 CHECKPOINT = "checkpoint.pt"
@@ -75,16 +75,11 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     return dev
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
 def _check_args(cfg: dict, backend: str, iw_samples: int, check_name: bool = True) -> None:
     if check_name and cfg["dataset"] not in DATASETS:
         raise ValueError(f"unknown dataset {cfg['dataset']!r}; choose one of {', '.join(DATASETS)}")
     for name in ("epochs", "latent_dim", "hidden_dim", "batch_size"):
-        _check_positive_int(name, cfg[name])
+        check_positive_int(name, cfg[name])
     if not (isinstance(cfg["lr"], (int, float)) and math.isfinite(cfg["lr"]) and cfg["lr"] > 0):
         raise ValueError(f"lr must be a positive number, got {cfg['lr']!r}")
     if not (isinstance(cfg["beta"], (int, float)) and math.isfinite(cfg["beta"]) and cfg["beta"] >= 0):
@@ -404,10 +399,9 @@ def _train(cfg, dataset, dev, d, out, ckpt, backend, compile, amp, resume, iw_sa
         "n_train": n_train, "n_test": data.test_x.shape[0], "device": _device_name(dev),
         "world_size": d.world, "config": {**cfg, "backend": backend, "compile": compile, "amp": amp},
     }
-    if d.main:
-        _log(d, f"fastvae: training a {data.input_dim}-{cfg['hidden_dim']}-{cfg['latent_dim']} VAE on "
-                f"{data.name} ({n_train} train / {data.test_x.shape[0]} test images) on {metrics['device']}"
-                + (f" with {d.world} processes" if d.world > 1 else ""))
+    _log(d, f"fastvae: training a {data.input_dim}-{cfg['hidden_dim']}-{cfg['latent_dim']} VAE on "
+            f"{data.name} ({n_train} train / {data.test_x.shape[0]} test images) on {metrics['device']}"
+            + (f" with {d.world} processes" if d.world > 1 else ""))
 
     for epoch in range(start_epoch, cfg["epochs"]):
         t0 = time.perf_counter()
