@@ -128,5 +128,10 @@ def elbo(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, beta: float, from
 
 
 def reparameterize(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
-    """z = mu + exp(logvar / 2) * eps, differentiated by autograd."""
-    return torch.addcmul(mu, torch.exp(0.5 * logvar), eps)
+    """z = mu + exp(logvar / 2) * eps, differentiated by autograd; computed in fp32 (fp64 for
+    fp64) and rounded once to the output dtype, like the Triton kernel."""
+    out = torch.promote_types(mu.dtype, logvar.dtype)
+    dt = torch.float64 if out == torch.float64 else torch.float32
+    if out == dt and eps.dtype == dt:
+        return torch.addcmul(mu, torch.exp(0.5 * logvar), eps)
+    return torch.addcmul(mu.to(dt), torch.exp(0.5 * logvar.to(dt)), eps.to(dt)).to(out)

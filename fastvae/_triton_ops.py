@@ -4,6 +4,12 @@ Each op is a ``torch.library.triton_op`` whose kernels are launched through ``wr
 its backward registered by ``torch.library.register_autograd``: ``torch.compile(fullgraph=True)``
 traces through them without graph breaks and CUDA graphs capture them. Importing this module
 fails with ImportError where triton is missing; fastvae then runs the PyTorch fallback only.
+
+The ELBO is single-pass: ``fastvae::elbo`` returns the loss and, when asked, the gradients for
+grad_output = 1, written in the same pass. Its backward multiplies them by grad_output in place
+(``fastvae::elbo_scale_grads_``; programs return at once where grad_output is 1), so a
+``loss.backward()`` moves no further bytes. Traced by torch.compile, where an in-place update of a
+saved tensor would be cloned first, the backward uses the functional ``fastvae::elbo_scale_grads``.
 """
 from __future__ import annotations
 
@@ -11,41 +17,63 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import register_autograd, triton_op, wrap_triton
 
 from .kernels import elbo as _elbo
 from .kernels import reparam as _reparam
 
 # True when TRITON_INTERPRET=1 was set before the kernels were defined: they then run on CPU.
-KERNELS_INTERPRETED = type(_elbo._elbo_rows_kernel).__name__ == "InterpretedFunction"
+KERNELS_INTERPRETED = type(_elbo._elbo_flat_kernel).__name__ == "InterpretedFunction"
+
+
+def _traced(t: Tensor) -> bool:
+    """True while torch.compile / AOTAutograd traces (fake or functional tensors)."""
+    return torch.compiler.is_compiling() or is_fake(t)
 
 
 @triton_op("fastvae::elbo", mutates_args={})
 def elbo(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, beta: float, from_logits: bool,
-         reduction: str) -> Tensor:
-    return _elbo.elbo_forward(wrap_triton, recon, x, mu, logvar, beta, from_logits, reduction)
+         reduction: str, grad: bool, x_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _elbo.elbo_forward(wrap_triton, recon, x, mu, logvar, beta, from_logits, reduction,
+                              grad, x_grad)
 
 
-@triton_op("fastvae::elbo_backward", mutates_args={})
-def elbo_backward(grad: Tensor, recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, beta: float,
-                  from_logits: bool, reduction: str, x_grad: bool
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _elbo.elbo_backward(wrap_triton, grad, recon, x, mu, logvar, beta, from_logits,
-                               reduction, x_grad)
+@triton_op("fastvae::elbo_scale_grads_", mutates_args={"drecon", "dx", "dmu", "dlogvar"})
+def elbo_scale_grads_(grad: Tensor, drecon: Tensor, dx: Tensor, dmu: Tensor, dlogvar: Tensor) -> None:
+    _elbo.scale_grads_(wrap_triton, grad, drecon, dx, dmu, dlogvar)
+
+
+@triton_op("fastvae::elbo_scale_grads", mutates_args={})
+def elbo_scale_grads(grad: Tensor, drecon: Tensor, dx: Tensor, dmu: Tensor, dlogvar: Tensor
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _elbo.scale_grads(wrap_triton, grad, drecon, dx, dmu, dlogvar)
 
 
 def _elbo_setup(ctx, inputs, output):
-    recon, x, mu, logvar, beta, from_logits, reduction = inputs
-    ctx.save_for_backward(recon, x, mu, logvar)
-    ctx.args = (beta, from_logits, reduction)
+    _, _, _, _, _, _, _, grad, x_grad = inputs
+    ctx.grad_written = grad
+    ctx.x_grad = x_grad
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*output[1:])
 
 
-def _elbo_grad(ctx, grad):
-    recon, x, mu, logvar = ctx.saved_tensors
-    x_grad = ctx.needs_input_grad[1]
-    drecon, dx, dmu, dlogvar = torch.ops.fastvae.elbo_backward(
-        grad, recon, x, mu, logvar, *ctx.args, x_grad)
-    return drecon, (dx if x_grad else None), dmu, dlogvar, None, None, None
+def _elbo_grad(ctx, g, *_unused):
+    if not ctx.grad_written:
+        raise RuntimeError("fastvae.elbo_loss: no gradient was computed in the forward pass (it ran "
+                           "under torch.no_grad, or no input required grad)")
+    try:
+        drecon, dx, dmu, dlogvar = ctx.saved_tensors
+    except RuntimeError as e:  # the version check: an earlier backward already scaled them
+        raise RuntimeError(
+            "fastvae.elbo_loss writes its gradients during the forward pass and hands them over in "
+            "the first backward; a second backward through the same graph (retain_graph=True) is "
+            "not supported on the Triton path: compute the loss again, or use backend='torch'") from e
+    if _traced(g):
+        drecon, dx, dmu, dlogvar = torch.ops.fastvae.elbo_scale_grads(g, drecon, dx, dmu, dlogvar)
+    else:
+        torch.ops.fastvae.elbo_scale_grads_(g, drecon, dx, dmu, dlogvar)
+    return drecon, (dx if ctx.x_grad else None), dmu, dlogvar, None, None, None, None, None
 
 
 register_autograd("fastvae::elbo", _elbo_grad, setup_context=_elbo_setup)

@@ -83,7 +83,12 @@ def elbo_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, reduction
     batch = recon.shape[0]
     r2, x2 = _rows(recon, batch), _rows(x, batch)
     if _backend.resolve(backend, recon, x, mu, logvar) == "triton":
-        return torch.ops.fastvae.elbo(r2, x2, mu, logvar, float(beta), bool(from_logits), reduction)
+        # single pass: the gradients are written with the loss whenever autograd will ask for them
+        x_grad = x.requires_grad
+        grad = torch.is_grad_enabled() and (x_grad or recon.requires_grad or mu.requires_grad
+                                            or logvar.requires_grad)
+        return torch.ops.fastvae.elbo(r2, x2, mu, logvar, float(beta), bool(from_logits), reduction,
+                                      grad, grad and x_grad)[0]
     return _fallback.elbo(r2, x2, mu, logvar, float(beta), bool(from_logits), reduction)
 
 

@@ -1,16 +1,25 @@
 """Triton kernels and launchers for the VAE loss: Bernoulli BCE summed over pixels + beta * Gaussian KL.
 
-Per sample i:   loss_i = sum_j bce(recon_ij, x_ij) + beta * 0.5 * sum_k (mu^2 + exp(logvar) - 1 - logvar)
+Per sample i:   loss_i = sum_j bce(recon_ij, x_ij) + beta * 0.5 * sum_k (mu_ik^2 + exp(lv_ik) - 1 - lv_ik)
 
-* forward: one pass over recon and x; one program owns BLOCK_M whole rows, so each row's sum is
-  accumulated in fp32 in a fixed order, then a single-program kernel sums the rows in a fixed
-  order for "sum"/"mean". No atomics, so the loss is bitwise reproducible.
-* backward: one pass that reads recon and x again and writes d recon (and d x if asked) in the
-  input dtype, plus d mu and d logvar. grad_output is read from device memory (stride 0 for a
-  scalar), so there is no host sync.
+Single pass. When a gradient will be needed, the forward kernel also writes the gradients of the
+loss with grad_output = 1 (d recon, d x if asked, d mu, d logvar) while each tile is in registers:
+fp32 moves 12 bytes per pixel (read recon and x, write d recon) instead of the 20 of a forward and
+a separate backward pass. The backward only has to multiply by grad_output: ``scale_grads_`` reads
+grad_output on the device (no host sync) and every program returns at once when it is 1, so a
+plain ``loss.backward()`` moves no bytes at all; otherwise it scales the op's own buffers in place.
 
-The launchers take 2-D views [B, N] / [B, L] with arbitrary strides (no copies) and never write
-into their inputs.
+Two tilings:
+
+* flat (``sum``/``mean`` on contiguous inputs): the BCE needs no per-row sums, so recon and x are
+  walked as 1-D arrays, ``ITERS`` blocks of ``BLOCK`` elements per program with no masked lanes
+  but in the last program, then the latents likewise; each program writes one fp32 partial sum.
+* rows (``none``, or strided inputs): a program owns ``BLOCK_M`` whole rows and walks them in
+  ``BLOCK_N``-wide column blocks; it writes the per-row losses, or one partial sum.
+
+Partial sums are added by one program in a fixed order (two-stage reduction, no atomics): the loss
+is bitwise reproducible. Offsets are int64, accumulation fp32, and every store offset is computed
+in the kernel body, so torch's analysis of which tensors a kernel writes sees only the outputs.
 """
 from __future__ import annotations
 
@@ -18,174 +27,323 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import load_tile_pair, row_block
+# flat tiling: BLOCK elements per step, ITERS steps per program (8 fp32 per thread per stream with
+# 4 warps: two 128-bit loads), partial sums added by one program in blocks of SUM_BLOCK
+_FLAT_BLOCK = 1024
+_FLAT_ITERS = 4
+_FLAT_WARPS = 4
+_SUM_BLOCK = 1024
+# row tiling: BLOCK_M rows x BLOCK_N columns per step (784 columns: 7 steps of 128, 12% masked)
+_ROW_TILE = 2048
+_MAX_BLOCK_N = 128
+_MAX_BLOCK_L = 64
 
-_MAX_BLOCK_N = 1024
-_MAX_BLOCK_M = 64
-_TILE = 4096  # elements per (BLOCK_M x BLOCK_N) tile
 
+# ---- the math, once: value and derivatives of each per-element term ----------------------------
 
 @triton.jit
 def _log1p_small(e):
-    # log(1 + e) for e in [0, 1], accurate also where 1 + e rounds to 1 (Goldberg's trick);
-    # portable to the interpreter and every backend (no libdevice).
+    # log(1 + e) for e in [0, 1], accurate also where 1 + e rounds to 1 (Goldberg's trick:
+    # log(u) * e / (u - 1) with u = 1 + e rounded); portable, no libdevice log1p
     u = 1.0 + e
     d = u - 1.0
     return tl.where(d == 0.0, e, tl.log(u) * (e / tl.where(d == 0.0, 1.0, d)))
 
 
 @triton.jit
-def _elbo_rows_kernel(
-    recon_ptr, x_ptr, mu_ptr, logvar_ptr, rows_ptr,
-    B, N, L,
-    stride_rb, stride_rn, stride_xb, stride_xn,
-    stride_mb, stride_ml, stride_vb, stride_vl,
-    beta,
-    FROM_LOGITS: tl.constexpr, X_U8: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+def bernoulli_nll(s, t, FROM_LOGITS: tl.constexpr):
+    """(nll, d nll / d s, d nll / d t) of a Bernoulli pixel with target t in [0, 1].
+
+    Logits s: nll = max(s, 0) - s t + log(1 + e^-|s|),  d/ds = sigmoid(s) - t,  d/dt = -s.
+    Probabilities s (F.binary_cross_entropy, logs clamped at -100):
+        nll = -(t log s + (1 - t) log(1 - s)),  d/ds = (s - t) / max(s (1 - s), 1e-12),
+        d/dt = log(1 - s) - log(s) (clamped: the exact derivative of the clamped loss).
+    """
+    if FROM_LOGITS:
+        e = tl.exp(-tl.abs(s))                       # in (0, 1]: no overflow
+        nll = tl.maximum(s, 0.0) - s * t + _log1p_small(e)
+        r = 1.0 / (1.0 + e)
+        ds = tl.where(s >= 0.0, r, e * r) - t        # sigmoid(s) - t from the same e
+        dt = -s
+    else:
+        logp = tl.maximum(tl.log(s), -100.0)
+        log1mp = tl.maximum(tl.log(1.0 - s), -100.0)
+        nll = -(t * logp + (1.0 - t) * log1mp)
+        ds = (s - t) / tl.maximum(s * (1.0 - s), 1e-12)
+        dt = log1mp - logp
+    return nll, ds, dt
+
+
+@triton.jit
+def gaussian_kl(mu, lv):
+    """(kl, d kl / d mu, d kl / d lv) of one latent: 0.5 (mu^2 + e^lv - 1 - lv)."""
+    v = tl.exp(lv)
+    return 0.5 * (mu * mu + v - 1.0 - lv), mu, 0.5 * (v - 1.0)
+
+
+# ---- forward (+ gradients): flat tiling -----------------------------------------------------------
+
+@triton.jit
+def _elbo_flat_kernel(
+    recon_ptr, x_ptr, mu_ptr, logvar_ptr, partial_ptr,
+    drecon_ptr, dx_ptr, dmu_ptr, dlogvar_ptr,
+    n_pix, n_lat, pix_programs,
+    beta, scale,
+    FROM_LOGITS: tl.constexpr, X_U8: tl.constexpr, GRAD: tl.constexpr, X_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr, ITERS: tl.constexpr,
 ):
-    rows, row_ok = row_block(B, BLOCK_M)
-    beta = tl.cast(beta, tl.float32)
-
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        cols, m, s, t = load_tile_pair(recon_ptr, x_ptr, rows, row_ok, n0, N, stride_rb, stride_rn,
-                                       stride_xb, stride_xn, 0.5, X_U8, BLOCK_N)
-        if FROM_LOGITS:
-            # max(s, 0) - s*t + log(1 + exp(-|s|)): no sigmoid, no overflow
-            val = tl.maximum(s, 0.0) - s * t + _log1p_small(tl.exp(-tl.abs(s)))
-        else:
-            # F.binary_cross_entropy: logs clamped at -100
-            logp = tl.maximum(tl.log(s), -100.0)
-            log1mp = tl.maximum(tl.log(1.0 - s), -100.0)
-            val = -(t * logp + (1.0 - t) * log1mp)
-        acc += tl.where(m, val, 0.0)
-    bce = tl.sum(acc, axis=1)
-
-    kacc = tl.zeros([BLOCK_M, BLOCK_L], dtype=tl.float32)
-    for l0 in range(0, L, BLOCK_L):
-        cols, m, mu, lv = load_tile_pair(mu_ptr, logvar_ptr, rows, row_ok, l0, L, stride_mb, stride_ml,
-                                         stride_vb, stride_vl, 0, False, BLOCK_L)
-        kacc += tl.where(m, mu * mu + tl.exp(lv) - 1.0 - lv, 0.0)
-    kl = 0.5 * tl.sum(kacc, axis=1)
-
-    tl.store(rows_ptr + rows, bce + beta * kl, mask=row_ok)
-
-
-@triton.jit
-def _sum_kernel(in_ptr, out_ptr, n, MEAN: tl.constexpr, BLOCK: tl.constexpr):
-    # one program, fixed order: deterministic
+    # programs [0, pix_programs) walk the pixels, the rest the latents; one fp32 partial each.
+    # `scale` is d loss / d row loss (1, or 1/B for "mean"), folded into the stored gradients.
+    pid = tl.program_id(0)
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for i0 in range(0, n, BLOCK):
-        offs = i0 + tl.arange(0, BLOCK).to(tl.int64)
-        acc += tl.load(in_ptr + offs, mask=offs < n, other=0.0)
-    total = tl.sum(acc, axis=0)
-    if MEAN:
-        total = total / n
-    tl.store(out_ptr, total)
+    if pid < pix_programs:
+        start = pid.to(tl.int64) * (BLOCK * ITERS)
+        for i in tl.static_range(ITERS):
+            offs = start + i * BLOCK + lanes
+            m = offs < n_pix
+            s = tl.load(recon_ptr + offs, mask=m, other=0.5).to(tl.float32)
+            t = tl.load(x_ptr + offs, mask=m, other=0).to(tl.float32)
+            if X_U8:
+                t = t / 255.0
+            nll, ds, dt = bernoulli_nll(s, t, FROM_LOGITS)
+            acc += tl.where(m, nll, 0.0)
+            if GRAD:
+                tl.store(drecon_ptr + offs, (ds * scale).to(drecon_ptr.dtype.element_ty), mask=m)
+            if X_GRAD:
+                tl.store(dx_ptr + offs, (dt * scale).to(dx_ptr.dtype.element_ty), mask=m)
+        tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
+    else:
+        beta = tl.cast(beta, tl.float32)
+        start = (pid - pix_programs).to(tl.int64) * (BLOCK * ITERS)
+        for i in tl.static_range(ITERS):
+            offs = start + i * BLOCK + lanes
+            m = offs < n_lat
+            mu = tl.load(mu_ptr + offs, mask=m, other=0).to(tl.float32)
+            lv = tl.load(logvar_ptr + offs, mask=m, other=0).to(tl.float32)
+            kl, dmu, dlv = gaussian_kl(mu, lv)
+            acc += tl.where(m, kl, 0.0)
+            if GRAD:
+                tl.store(dmu_ptr + offs, (dmu * (beta * scale)).to(dmu_ptr.dtype.element_ty), mask=m)
+                tl.store(dlogvar_ptr + offs, (dlv * (beta * scale)).to(dlogvar_ptr.dtype.element_ty), mask=m)
+        tl.store(partial_ptr + pid, beta * tl.sum(acc, axis=0))
 
+
+# ---- forward (+ gradients): row tiling, any strides -------------------------------------------------
 
 @triton.jit
-def _elbo_bwd_kernel(
-    g_ptr, stride_g,
-    recon_ptr, x_ptr, mu_ptr, logvar_ptr,
+def _elbo_rows_kernel(
+    recon_ptr, x_ptr, mu_ptr, logvar_ptr, out_ptr,
     drecon_ptr, dx_ptr, dmu_ptr, dlogvar_ptr,
     B, N, L,
     stride_rb, stride_rn, stride_xb, stride_xn,
     stride_mb, stride_ml, stride_vb, stride_vl,
-    beta,
-    MEAN: tl.constexpr, FROM_LOGITS: tl.constexpr, X_U8: tl.constexpr, X_GRAD: tl.constexpr,
+    beta, scale,
+    FROM_LOGITS: tl.constexpr, X_U8: tl.constexpr, GRAD: tl.constexpr, X_GRAD: tl.constexpr,
+    PARTIAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    rows, row_ok = row_block(B, BLOCK_M)
-    g = tl.load(g_ptr + rows * stride_g, mask=row_ok, other=0.0).to(tl.float32)
-    if MEAN:
-        g = g / B
-    g2 = g[:, None]
+    # one program owns BLOCK_M whole rows; it writes their losses (PARTIAL=False, out is [B]) or
+    # their sum (PARTIAL=True, out is one fp32 per program). Gradients are written contiguous.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < B
+    beta = tl.cast(beta, tl.float32)
 
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        cols, m, s, t = load_tile_pair(recon_ptr, x_ptr, rows, row_ok, n0, N, stride_rb, stride_rn,
-                                       stride_xb, stride_xn, 0.5, X_U8, BLOCK_N)
-        if FROM_LOGITS:
-            d = tl.sigmoid(s) - t
-        else:
-            # PyTorch's binary_cross_entropy_backward: (p - t) / max(p (1 - p), 1e-12)
-            d = (s - t) / tl.maximum(s * (1.0 - s), 1e-12)
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        m = row_ok[:, None] & (cols < N)[None, :]
+        s = tl.load(recon_ptr + rows[:, None] * stride_rb + cols[None, :] * stride_rn,
+                    mask=m, other=0.5).to(tl.float32)
+        t = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xn,
+                    mask=m, other=0).to(tl.float32)
+        if X_U8:
+            t = t / 255.0
+        nll, ds, dt = bernoulli_nll(s, t, FROM_LOGITS)
+        acc += tl.where(m, nll, 0.0)
         out = rows[:, None] * N + cols[None, :]
-        tl.store(drecon_ptr + out, (g2 * d).to(drecon_ptr.dtype.element_ty), mask=m)
+        if GRAD:
+            tl.store(drecon_ptr + out, (ds * scale).to(drecon_ptr.dtype.element_ty), mask=m)
         if X_GRAD:
-            if FROM_LOGITS:
-                dt = -s
-            else:
-                # exact derivative of the clamped loss w.r.t. the target
-                dt = tl.maximum(tl.log(1.0 - s), -100.0) - tl.maximum(tl.log(s), -100.0)
-            tl.store(dx_ptr + out, (g2 * dt).to(dx_ptr.dtype.element_ty), mask=m)
+            tl.store(dx_ptr + out, (dt * scale).to(dx_ptr.dtype.element_ty), mask=m)
+    bce = tl.sum(acc, axis=1)
 
-    gb = g2 * tl.cast(beta, tl.float32)
+    kacc = tl.zeros([BLOCK_M, BLOCK_L], dtype=tl.float32)
     for l0 in range(0, L, BLOCK_L):
-        cols, m, mu, lv = load_tile_pair(mu_ptr, logvar_ptr, rows, row_ok, l0, L, stride_mb, stride_ml,
-                                         stride_vb, stride_vl, 0, False, BLOCK_L)
-        out = rows[:, None] * L + cols[None, :]
-        tl.store(dmu_ptr + out, (gb * mu).to(dmu_ptr.dtype.element_ty), mask=m)
-        tl.store(dlogvar_ptr + out, (gb * 0.5 * (tl.exp(lv) - 1.0)).to(dlogvar_ptr.dtype.element_ty), mask=m)
+        cols = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
+        m = row_ok[:, None] & (cols < L)[None, :]
+        mu = tl.load(mu_ptr + rows[:, None] * stride_mb + cols[None, :] * stride_ml,
+                     mask=m, other=0).to(tl.float32)
+        lv = tl.load(logvar_ptr + rows[:, None] * stride_vb + cols[None, :] * stride_vl,
+                     mask=m, other=0).to(tl.float32)
+        kl, dmu, dlv = gaussian_kl(mu, lv)
+        kacc += tl.where(m, kl, 0.0)
+        if GRAD:
+            out = rows[:, None] * L + cols[None, :]
+            tl.store(dmu_ptr + out, (dmu * (beta * scale)).to(dmu_ptr.dtype.element_ty), mask=m)
+            tl.store(dlogvar_ptr + out, (dlv * (beta * scale)).to(dlogvar_ptr.dtype.element_ty), mask=m)
+    loss = bce + beta * tl.sum(kacc, axis=1)
+
+    if PARTIAL:
+        tl.store(out_ptr + tl.program_id(0), tl.sum(tl.where(row_ok, loss, 0.0), axis=0))
+    else:
+        tl.store(out_ptr + rows, loss, mask=row_ok)
 
 
-def _blocks(N: int, L: int):
+@triton.jit
+def _sum_kernel(in_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
+    # stage two of the reduction: one program adds the partial sums in a fixed order
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i0 in range(0, n, BLOCK):
+        offs = i0 + tl.arange(0, BLOCK).to(tl.int64)
+        acc += tl.load(in_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(out_ptr, tl.sum(acc, axis=0) * scale)
+
+
+# ---- backward: multiply the gradients written by the forward by grad_output ------------------------
+
+@triton.jit
+def _must_scale(g, IN_PLACE: tl.constexpr):
+    # in place, a slice whose g values are all exactly 1 is left untouched (NaN != 1: scaled)
+    n_off = tl.sum((g != 1.0).to(tl.int32), axis=0)
+    if not IN_PLACE:
+        n_off = n_off * 0 + 1  # out is a new buffer: always write it
+    return n_off != 0
+
+
+@triton.jit
+def _scale_grads_kernel(
+    g_ptr, stride_g,
+    a_ptr, b_ptr, c_ptr, d_ptr, a_out, b_out, c_out, d_out,
+    n_ab, n_cd, N, L, ab_programs,
+    HAS_B: tl.constexpr, IN_PLACE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # out = in * g for the forward's contiguous gradient buffers: a, b are [B, N] (d recon, d x),
+    # c, d are [B, L] (d mu, d logvar); grad_output g is one scalar (stride_g = 0) or one value
+    # per row. IN_PLACE (out is in): a program whose g values are all 1 returns before touching
+    # its slice, so grad_output = 1 moves no bytes.
+    pid = tl.program_id(0)
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    if pid < ab_programs:
+        offs = pid.to(tl.int64) * BLOCK + lanes
+        m = offs < n_ab
+        g = tl.load(g_ptr + (offs // N) * stride_g, mask=m, other=1.0).to(tl.float32)
+        if _must_scale(g, IN_PLACE):
+            va = tl.load(a_ptr + offs, mask=m, other=0).to(tl.float32)
+            tl.store(a_out + offs, (va * g).to(a_out.dtype.element_ty), mask=m)
+            if HAS_B:
+                vb = tl.load(b_ptr + offs, mask=m, other=0).to(tl.float32)
+                tl.store(b_out + offs, (vb * g).to(b_out.dtype.element_ty), mask=m)
+    else:
+        offs = (pid - ab_programs).to(tl.int64) * BLOCK + lanes
+        m = offs < n_cd
+        g = tl.load(g_ptr + (offs // L) * stride_g, mask=m, other=1.0).to(tl.float32)
+        if _must_scale(g, IN_PLACE):
+            vc = tl.load(c_ptr + offs, mask=m, other=0).to(tl.float32)
+            tl.store(c_out + offs, (vc * g).to(c_out.dtype.element_ty), mask=m)
+            vd = tl.load(d_ptr + offs, mask=m, other=0).to(tl.float32)
+            tl.store(d_out + offs, (vd * g).to(d_out.dtype.element_ty), mask=m)
+
+
+# ---- launchers ---------------------------------------------------------------------------------
+
+def _row_blocks(N: int, L: int):
     # from the feature sizes only, so a changing batch size (symbolic under torch.compile)
     # reuses one kernel configuration
     block_n = min(_MAX_BLOCK_N, triton.next_power_of_2(max(N, 1)))
-    block_m = max(1, min(_MAX_BLOCK_M, _TILE // block_n))  # capped: tiny N must not make huge tiles
-    block_l = min(128, triton.next_power_of_2(max(L, 1)))
+    block_m = max(1, min(64, _ROW_TILE // block_n))  # capped: tiny N must not make huge tiles
+    block_l = min(_MAX_BLOCK_L, triton.next_power_of_2(max(L, 1)))
     return block_m, block_n, block_l
 
 
-def _launch_args(recon, x, mu, logvar):
-    return (
-        recon.stride(0), recon.stride(1), x.stride(0), x.stride(1),
-        mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1),
-    )
+def _flat(recon, x, mu, logvar) -> bool:
+    """The flat tiling applies: every input dense in row-major order (recon and x then share
+    their flat element order, and so do mu and logvar)."""
+    return all(t.is_contiguous() for t in (recon, x, mu, logvar))
 
 
-def elbo_forward(kernel_launch, recon, x, mu, logvar, beta: float, from_logits: bool, reduction: str):
-    """Loss (float32) of 2-D ``recon``/``x`` [B, N] and ``mu``/``logvar`` [B, L].
+def elbo_forward(kernel_launch, recon, x, mu, logvar, beta: float, from_logits: bool, reduction: str,
+                 grad: bool, x_grad: bool):
+    """(loss, d recon, d x, d mu, d logvar) for 2-D ``recon``/``x`` [B, N] and ``mu``/``logvar`` [B, L].
 
-    ``kernel_launch`` wraps a kernel for launching (``torch.library.wrap_triton`` inside a
-    ``triton_op``, or the identity).
+    The loss is float32: a scalar for "sum"/"mean", [B] for "none". With ``grad`` the four
+    gradients of the loss for grad_output = 1 are written in the same pass, contiguous in their
+    input's dtype (d x only with ``x_grad``); otherwise (and for d x without ``x_grad``) they are
+    empty tensors. ``kernel_launch`` wraps a kernel for launching (``torch.library.wrap_triton``
+    inside a ``triton_op``, or the identity).
     """
     B, N = recon.shape
     L = mu.shape[1]
-    block_m, block_n, block_l = _blocks(N, L)
-    rows = torch.empty(B, device=recon.device, dtype=torch.float32)
-    kernel_launch(_elbo_rows_kernel)[(triton.cdiv(B, block_m),)](
-        recon, x, mu, logvar, rows, B, N, L, *_launch_args(recon, x, mu, logvar), float(beta),
-        FROM_LOGITS=from_logits, X_U8=x.dtype == torch.uint8,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_L=block_l,
-        num_warps=8 if block_m * block_n >= 4096 else 4,
-    )
-    if reduction == "none":
-        return rows
-    out = torch.empty((), device=recon.device, dtype=torch.float32)
-    kernel_launch(_sum_kernel)[(1,)](rows, out, B, MEAN=reduction == "mean", BLOCK=1024, num_warps=4)
-    return out
+    dev = recon.device
+    x_grad = grad and x_grad
+    drecon = torch.empty((B, N) if grad else (0,), device=dev, dtype=recon.dtype)
+    dx = torch.empty((B, N) if x_grad else (0,), device=dev, dtype=x.dtype)
+    dmu = torch.empty((B, L) if grad else (0,), device=dev, dtype=mu.dtype)
+    dlogvar = torch.empty((B, L) if grad else (0,), device=dev, dtype=logvar.dtype)
+    # a pointer that is never written stands in for a buffer that is not asked for
+    ptrs = (drecon if grad else recon, dx if x_grad else recon, dmu if grad else mu,
+            dlogvar if grad else logvar)
+    scale = 1.0 / B if reduction == "mean" else 1.0
+    flags = dict(FROM_LOGITS=from_logits, X_U8=x.dtype == torch.uint8, GRAD=grad, X_GRAD=x_grad)
+
+    if reduction != "none" and _flat(recon, x, mu, logvar):
+        per = _FLAT_BLOCK * _FLAT_ITERS
+        pix_programs = triton.cdiv(B * N, per)
+        programs = pix_programs + triton.cdiv(B * L, per)
+        partial = torch.empty(programs, device=dev, dtype=torch.float32)
+        kernel_launch(_elbo_flat_kernel)[(programs,)](
+            recon, x, mu, logvar, partial, *ptrs, B * N, B * L, pix_programs, float(beta), scale,
+            **flags, BLOCK=_FLAT_BLOCK, ITERS=_FLAT_ITERS, num_warps=_FLAT_WARPS,
+        )
+    else:
+        block_m, block_n, block_l = _row_blocks(N, L)
+        programs = triton.cdiv(B, block_m)
+        partial = torch.empty(B if reduction == "none" else programs, device=dev, dtype=torch.float32)
+        kernel_launch(_elbo_rows_kernel)[(programs,)](
+            recon, x, mu, logvar, partial, *ptrs, B, N, L,
+            recon.stride(0), recon.stride(1), x.stride(0), x.stride(1),
+            mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1),
+            float(beta), scale, **flags, PARTIAL=reduction != "none",
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_L=block_l,
+            num_warps=8 if block_m * block_n >= 2048 else 4,
+        )
+        if reduction == "none":
+            return partial, drecon, dx, dmu, dlogvar
+    loss = torch.empty((), device=dev, dtype=torch.float32)
+    kernel_launch(_sum_kernel)[(1,)](partial, loss, partial.shape[0], scale, BLOCK=_SUM_BLOCK, num_warps=4)
+    return loss, drecon, dx, dmu, dlogvar
 
 
-def elbo_backward(kernel_launch, grad, recon, x, mu, logvar, beta: float, from_logits: bool,
-                  reduction: str, x_grad: bool):
-    """(d recon, d x or an empty tensor, d mu, d logvar), each contiguous in its input's dtype."""
-    B, N = recon.shape
-    L = mu.shape[1]
-    block_m, block_n, block_l = _blocks(N, L)
-    drecon = torch.empty((B, N), device=recon.device, dtype=recon.dtype)
-    dx = torch.empty((B, N) if x_grad else (0,), device=x.device, dtype=x.dtype)
-    dmu = torch.empty((B, L), device=mu.device, dtype=mu.dtype)
-    dlogvar = torch.empty((B, L), device=logvar.device, dtype=logvar.dtype)
+def _launch_scale(kernel_launch, grad, src, dst, in_place: bool) -> None:
+    drecon, dx, dmu, dlogvar = src
+    B, N = drecon.shape
+    L = dmu.shape[1]
     stride_g = 0 if grad.dim() == 0 else grad.stride(0)
-    kernel_launch(_elbo_bwd_kernel)[(triton.cdiv(B, block_m),)](
-        grad, stride_g, recon, x, mu, logvar, drecon,
-        dx if x_grad else drecon,  # a valid pointer that is never written when x_grad is False
-        dmu, dlogvar, B, N, L, *_launch_args(recon, x, mu, logvar), float(beta),
-        MEAN=reduction == "mean", FROM_LOGITS=from_logits, X_U8=x.dtype == torch.uint8, X_GRAD=x_grad,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_L=block_l,
-        num_warps=8 if block_m * block_n >= 4096 else 4,
+    ab_programs = triton.cdiv(B * N, _FLAT_BLOCK)
+    programs = ab_programs + triton.cdiv(B * L, _FLAT_BLOCK)
+    has_b = dx.numel() > 0
+    a, b, c, d = dst
+    kernel_launch(_scale_grads_kernel)[(programs,)](
+        grad, stride_g, drecon, dx if has_b else drecon, dmu, dlogvar,
+        a, b if has_b else a, c, d,  # without d x, its slot points at d recon and is never used
+        B * N, B * L, N, L, ab_programs,
+        HAS_B=has_b, IN_PLACE=in_place, BLOCK=_FLAT_BLOCK, num_warps=_FLAT_WARPS,
     )
-    return drecon, dx, dmu, dlogvar
+
+
+def scale_grads_(kernel_launch, grad, drecon, dx, dmu, dlogvar) -> None:
+    """Multiply the forward's gradient buffers in place by ``grad`` (a scalar, or [B] per row).
+
+    Programs whose grad values are all 1 return at once. ``dx`` may be empty (not asked for).
+    """
+    bufs = (drecon, dx, dmu, dlogvar)
+    _launch_scale(kernel_launch, grad, bufs, bufs, in_place=True)
+
+
+def scale_grads(kernel_launch, grad, drecon, dx, dmu, dlogvar):
+    """The functional form of :func:`scale_grads_`: new tensors ``buffer * grad`` (for traced graphs,
+    where an in-place update of a saved tensor would be preceded by a copy)."""
+    src = (drecon, dx, dmu, dlogvar)
+    dst = tuple(torch.empty_like(t) for t in src)
+    _launch_scale(kernel_launch, grad, src, dst, in_place=False)
+    return dst

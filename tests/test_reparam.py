@@ -55,11 +55,14 @@ def test_low_precision(backend_device, dtype):
     z = fastvae.reparameterize(m, v, eps=eps, backend=backend)
     z.backward(go)
     ref_z, ref = oracle.reparameterize(mu, logvar, eps, go)
-    tol = 2 * torch.finfo(dtype).eps
+    # one rounding of an fp32 result: at most u relative (+ the fp32 arithmetic, ~1e-6 of the terms)
+    u = torch.finfo(dtype).eps / 2
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        u = torch.finfo(dtype).eps  # Triton's interpreter rounds to bf16 by truncation: 1 ulp
     assert z.dtype == dtype and v.grad.dtype == dtype and m.grad.dtype == dtype
-    torch.testing.assert_close(z.double().cpu(), ref_z, rtol=tol, atol=tol * ref_z.abs().max().item())
-    torch.testing.assert_close(v.grad.double().cpu(), ref["logvar"], rtol=tol,
-                               atol=tol * ref["logvar"].abs().max().item())
+    torch.testing.assert_close(z.double().cpu(), ref_z, rtol=u, atol=1e-5)
+    torch.testing.assert_close(v.grad.double().cpu(), ref["logvar"], rtol=u, atol=1e-5)
+    torch.testing.assert_close(m.grad.double().cpu(), ref["mu"], rtol=0, atol=0)  # d mu = g exactly
 
 
 def test_drawn_noise_reproducible_and_fresh(backend_device):
