@@ -99,7 +99,7 @@ def _elbo_flat_kernel(
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     if pid < pix_programs:
         start = pid.to(tl.int64) * (BLOCK * ITERS)
-        for i in tl.static_range(ITERS):
+        for i in range(ITERS):
             offs = start + i * BLOCK + lanes
             m = offs < n_pix
             s = tl.load(recon_ptr + offs, mask=m, other=0.5).to(tl.float32)
@@ -116,7 +116,7 @@ def _elbo_flat_kernel(
     else:
         beta = tl.cast(beta, tl.float32)
         start = (pid - pix_programs).to(tl.int64) * (BLOCK * ITERS)
-        for i in tl.static_range(ITERS):
+        for i in range(ITERS):
             offs = start + i * BLOCK + lanes
             m = offs < n_lat
             mu = tl.load(mu_ptr + offs, mask=m, other=0).to(tl.float32)
@@ -216,18 +216,21 @@ def _scale_grads_kernel(
     g_ptr, stride_g,
     a_ptr, b_ptr, c_ptr, d_ptr, a_out, b_out, c_out, d_out,
     n_ab, n_cd, N, L, ab_programs,
-    HAS_B: tl.constexpr, IN_PLACE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_B: tl.constexpr, PER_ROW: tl.constexpr, IN_PLACE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # out = in * g for the forward's contiguous gradient buffers: a, b are [B, N] (d recon, d x),
     # c, d are [B, L] (d mu, d logvar); grad_output g is one scalar (stride_g = 0) or one value
-    # per row. IN_PLACE (out is in): a program whose g values are all 1 returns before touching
+    # per row (PER_ROW). IN_PLACE (out is in): a program whose g values are all 1 returns before touching
     # its slice, so grad_output = 1 moves no bytes.
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK).to(tl.int64)
     if pid < ab_programs:
         offs = pid.to(tl.int64) * BLOCK + lanes
         m = offs < n_ab
-        g = tl.load(g_ptr + (offs // N) * stride_g, mask=m, other=1.0).to(tl.float32)
+        if PER_ROW:
+            g = tl.load(g_ptr + (offs // N) * stride_g, mask=m, other=1.0).to(tl.float32)
+        else:
+            g = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(g_ptr).to(tl.float32)
         if _must_scale(g, IN_PLACE):
             va = tl.load(a_ptr + offs, mask=m, other=0).to(tl.float32)
             tl.store(a_out + offs, (va * g).to(a_out.dtype.element_ty), mask=m)
@@ -237,7 +240,10 @@ def _scale_grads_kernel(
     else:
         offs = (pid - ab_programs).to(tl.int64) * BLOCK + lanes
         m = offs < n_cd
-        g = tl.load(g_ptr + (offs // L) * stride_g, mask=m, other=1.0).to(tl.float32)
+        if PER_ROW:
+            g = tl.load(g_ptr + (offs // L) * stride_g, mask=m, other=1.0).to(tl.float32)
+        else:
+            g = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(g_ptr).to(tl.float32)
         if _must_scale(g, IN_PLACE):
             vc = tl.load(c_ptr + offs, mask=m, other=0).to(tl.float32)
             tl.store(c_out + offs, (vc * g).to(c_out.dtype.element_ty), mask=m)
@@ -327,7 +333,7 @@ def _launch_scale(kernel_launch, grad, src, dst, in_place: bool) -> None:
         grad, stride_g, drecon, dx if has_b else drecon, dmu, dlogvar,
         a, b if has_b else a, c, d,  # without d x, its slot points at d recon and is never used
         B * N, B * L, N, L, ab_programs,
-        HAS_B=has_b, IN_PLACE=in_place, BLOCK=_FLAT_BLOCK, num_warps=_FLAT_WARPS,
+        HAS_B=has_b, PER_ROW=grad.dim() > 0, IN_PLACE=in_place, BLOCK=_FLAT_BLOCK, num_warps=_FLAT_WARPS,
     )
 
 
