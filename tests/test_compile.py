@@ -138,3 +138,49 @@ def test_cuda_graph_replay_draws_fresh_noise_gpu():
         torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=1e-5, atol=1e-3)
         assert abs(eps.mean().item()) < 0.5
     assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_single_pass_under_compile_and_cuda_graphs_any_grad_output_gpu(reduction):
+    """The forward writes the gradients; the backward scales them by any grad_output, also per row,
+    compiled (fullgraph) and replayed from a CUDA graph with new grad_output values each time."""
+    B, N, L = 257, 784, 20
+    g = torch.Generator(device="cuda").manual_seed(0)
+    recon = torch.randn(B, N, device="cuda", generator=g, requires_grad=True)
+    x = torch.rand(B, N, device="cuda", generator=g)
+    mu = torch.randn(B, L, device="cuda", generator=g, requires_grad=True)
+    logvar = torch.randn(B, L, device="cuda", generator=g, requires_grad=True)
+    go = torch.empty(B if reduction == "none" else (), device="cuda")
+
+    def step(recon, x, mu, logvar, go):
+        loss = fastvae.elbo_loss(recon, x, mu, logvar, reduction=reduction, beta=0.5)
+        return (loss, *torch.autograd.grad(loss, (recon, mu, logvar), go))
+
+    def check(out, go_value):
+        ref_loss, ref = oracle.elbo(recon, x, mu, logvar, reduction=reduction, beta=0.5,
+                                    grad_output=go_value)
+        torch.testing.assert_close(out[0].double().cpu(), ref_loss, rtol=1e-5, atol=1e-4)
+        for got, name in zip(out[1:], ("recon", "mu", "logvar")):
+            torch.testing.assert_close(got.double().cpu(), ref[name].cpu(), rtol=1e-5, atol=1e-6)
+
+    compiled = torch.compile(step, fullgraph=True)
+    for value in (1.0, -0.25, "rows"):
+        go.copy_(torch.randn(go.shape, device="cuda") if value == "rows" else torch.full(go.shape, value))
+        check(compiled(recon, x, mu, logvar, go), go.clone())
+        check(step(recon, x, mu, logvar, go), go.clone())
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step(recon, x, mu, logvar, go)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(recon, x, mu, logvar, go)
+    for value in (1.0, 3.0, "rows", 1.0):
+        go.copy_(torch.randn(go.shape, device="cuda") if value == "rows" else torch.full(go.shape, value))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(out, go.clone())
