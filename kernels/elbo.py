@@ -43,11 +43,22 @@ _MAX_BLOCK_L = 64
 
 @triton.jit
 def _log1p_small(e):
-    # log(1 + e) for e in [0, 1], accurate also where 1 + e rounds to 1 (Goldberg's trick:
-    # log(u) * e / (u - 1) with u = 1 + e rounded); portable, no libdevice log1p
-    u = 1.0 + e
-    d = u - 1.0
-    return tl.where(d == 0.0, e, tl.log(u) * (e / tl.where(d == 0.0, 1.0, d)))
+    # log(1 + e) for e in [0, 1] without a log: log(1 + e) = 2 atanh(w) with w = e / (2 + e) in
+    # [0, 1/3], = 2 (w + w^3/3 + w^5/5 + ...). Stopping at w^15 leaves < w^17 / 17 < 5e-10 relative.
+    # Accurate for tiny e too (2w -> e), fused multiply-adds only: ~2x fewer instructions than
+    # libdevice's log plus the correction that the rounding of 1 + e needs, and the interpreter
+    # runs the same arithmetic.
+    w = e / (2.0 + e)
+    w2 = w * w
+    p = 1.0 / 15.0
+    p = p * w2 + 1.0 / 13.0
+    p = p * w2 + 1.0 / 11.0
+    p = p * w2 + 1.0 / 9.0
+    p = p * w2 + 1.0 / 7.0
+    p = p * w2 + 1.0 / 5.0
+    p = p * w2 + 1.0 / 3.0
+    p = p * w2 + 1.0
+    return 2.0 * w * p
 
 
 @triton.jit
