@@ -466,3 +466,37 @@ def test_triton_second_backward_is_a_clear_error():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="retain_graph"):
         loss.backward()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_confident_logits_do_not_cancel(backend_device, reduction):
+    """s = +-15 ... +-40 with x at 0 or 1 on the confident side: each pixel's loss is a tiny
+    log(1 + e^-|s|), which a sum of softplus minus a dot product cancels to 0 in fp32."""
+    backend, device = backend_device
+    mags = torch.tensor([15.0, 17.0, 20.0, 25.0, 30.0, 40.0])
+    B, N = 8, 784
+    s = mags.repeat_interleave(2).repeat(N // 12 + 1)[:N].repeat(B, 1)
+    sign = torch.ones(B, N)
+    sign[:, 1::2] = -1.0
+    sign[1::2] *= -1.0
+    recon = s * sign
+    x = (recon > 0).float()                                    # confident and right
+    recon[B - 1] = 15.0                                        # the issue's case: 2.398e-4
+    x[B - 1] = 1.0
+    mu, logvar = torch.zeros(B, 3), torch.zeros(B, 3)          # KL exactly 0
+    inputs = [t.to(device) for t in (recon, x, mu, logvar)]
+    loss, grads = run(*inputs, backend=backend, reduction=reduction)
+    ref_loss, ref_grads = oracle.elbo(*inputs, reduction=reduction)
+    assert ref_loss.min() > 0
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=1e-5, atol=0)
+    if reduction == "none":
+        want = 784 * torch.log1p(torch.exp(torch.tensor(-15.0, dtype=torch.float64)))  # 2.398e-4
+        torch.testing.assert_close(loss[B - 1].double().cpu(), want, rtol=1e-5, atol=0)
+    # d recon = sigmoid(s) - x, relative to itself: -sigmoid(-s) where x = 1, sigmoid(s) where x = 0
+    # (the float64 oracle's autograd cancels 1 - 1 - 4e-18 to 0 at s = 40, so it is written out)
+    s64 = recon.double()
+    want = torch.where(x == 1, -torch.sigmoid(-s64), torch.sigmoid(s64))
+    if reduction == "mean":
+        want = want / B
+    torch.testing.assert_close(grads["recon"].double().cpu(), want, rtol=1e-5, atol=0)
+    assert not grads["mu"].any() and not grads["logvar"].any()
