@@ -30,6 +30,19 @@ def _strided(offs, L, stride_r, stride_c, CONTIG: tl.constexpr):
 
 
 @triton.jit
+def _eps(eps_ptr, seed_ptr, offs, m, L, stride_eb, stride_el,
+         CONTIG: tl.constexpr, HAS_EPS: tl.constexpr, RNG64: tl.constexpr):
+    # the noise of the flat indices `offs`: read from eps, or drawn from the seed (same draw in the
+    # forward and the backward). Returns values only: store offsets stay in the kernel bodies.
+    if HAS_EPS:
+        e = tl.load(eps_ptr + _strided(offs, L, stride_eb, stride_el, CONTIG), mask=m, other=0).to(tl.float32)
+    else:
+        seed = tl.load(seed_ptr)
+        e = tl.randn(seed, offs) if RNG64 else tl.randn(seed, offs.to(tl.int32))
+    return e
+
+
+@triton.jit
 def _reparam_fwd_kernel(
     mu_ptr, logvar_ptr, eps_ptr, seed_ptr, z_ptr,
     n, L,
@@ -40,11 +53,7 @@ def _reparam_fwd_kernel(
     m = offs < n
     mu = tl.load(mu_ptr + _strided(offs, L, stride_mb, stride_ml, CONTIG), mask=m, other=0).to(tl.float32)
     lv = tl.load(logvar_ptr + _strided(offs, L, stride_vb, stride_vl, CONTIG), mask=m, other=0).to(tl.float32)
-    if HAS_EPS:
-        e = tl.load(eps_ptr + _strided(offs, L, stride_eb, stride_el, CONTIG), mask=m, other=0).to(tl.float32)
-    else:
-        seed = tl.load(seed_ptr)
-        e = tl.randn(seed, offs) if RNG64 else tl.randn(seed, offs.to(tl.int32))
+    e = _eps(eps_ptr, seed_ptr, offs, m, L, stride_eb, stride_el, CONTIG, HAS_EPS, RNG64)
     z = mu + tl.exp(0.5 * lv) * e
     tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=m)
 
@@ -61,11 +70,7 @@ def _reparam_bwd_kernel(
     m = offs < n
     g = tl.load(g_ptr + _strided(offs, L, stride_gb, stride_gl, CONTIG), mask=m, other=0).to(tl.float32)
     lv = tl.load(logvar_ptr + _strided(offs, L, stride_vb, stride_vl, CONTIG), mask=m, other=0).to(tl.float32)
-    if HAS_EPS:
-        e = tl.load(eps_ptr + _strided(offs, L, stride_eb, stride_el, CONTIG), mask=m, other=0).to(tl.float32)
-    else:
-        seed = tl.load(seed_ptr)
-        e = tl.randn(seed, offs) if RNG64 else tl.randn(seed, offs.to(tl.int32))
+    e = _eps(eps_ptr, seed_ptr, offs, m, L, stride_eb, stride_el, CONTIG, HAS_EPS, RNG64)
     sigma = tl.exp(0.5 * lv)
     tl.store(dlogvar_ptr + offs, (0.5 * g * e * sigma).to(dlogvar_ptr.dtype.element_ty), mask=m)
     if EPS_GRAD:
