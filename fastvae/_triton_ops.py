@@ -9,7 +9,8 @@ The ELBO is single-pass: ``fastvae::elbo`` returns the loss and, when asked, the
 grad_output = 1, written in the same pass. Its backward multiplies them by grad_output in place
 (``fastvae::elbo_scale_grads_``; programs return at once where grad_output is 1), so a
 ``loss.backward()`` moves no further bytes. Traced by torch.compile, where an in-place update of a
-saved tensor would be cloned first, the backward uses the functional ``fastvae::elbo_scale_grads``.
+saved tensor would be cloned first, the backward multiplies with plain tensor ops, which inductor
+fuses where it can.
 """
 from __future__ import annotations
 
@@ -44,10 +45,12 @@ def elbo_scale_grads_(grad: Tensor, drecon: Tensor, dx: Tensor, dmu: Tensor, dlo
     _elbo.scale_grads_(wrap_triton, grad, drecon, dx, dmu, dlogvar)
 
 
-@triton_op("fastvae::elbo_scale_grads", mutates_args={})
-def elbo_scale_grads(grad: Tensor, drecon: Tensor, dx: Tensor, dmu: Tensor, dlogvar: Tensor
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _elbo.scale_grads(wrap_triton, grad, drecon, dx, dmu, dlogvar)
+def _times(buf: Tensor, g: Tensor) -> Tensor:
+    # buf * grad_output (per row for reduction="none") as plain tensor ops: inductor fuses them
+    # into whatever consumes the gradient where it can
+    if buf.numel() == 0:
+        return buf
+    return (buf * (g if g.dim() == 0 else g[:, None])).to(buf.dtype)
 
 
 def _elbo_setup(ctx, inputs, output):
@@ -70,7 +73,8 @@ def _elbo_grad(ctx, g, *_unused):
             "the first backward; a second backward through the same graph (retain_graph=True) is "
             "not supported on the Triton path: compute the loss again, or use backend='torch'") from e
     if _traced(g):
-        drecon, dx, dmu, dlogvar = torch.ops.fastvae.elbo_scale_grads(g, drecon, dx, dmu, dlogvar)
+        # a traced in-place update of a saved tensor would be preceded by a copy of it
+        drecon, dx, dmu, dlogvar = (_times(t, g) for t in (drecon, dx, dmu, dlogvar))
     else:
         torch.ops.fastvae.elbo_scale_grads_(g, drecon, dx, dmu, dlogvar)
     return drecon, (dx if ctx.x_grad else None), dmu, dlogvar, None, None, None, None, None

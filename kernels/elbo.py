@@ -217,25 +217,22 @@ def _sum_kernel(in_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
 # ---- backward: multiply the gradients written by the forward by grad_output ------------------------
 
 @triton.jit
-def _must_scale(g, IN_PLACE: tl.constexpr):
-    # in place, a slice whose g values are all exactly 1 is left untouched (NaN != 1: scaled)
-    n_off = tl.sum((g != 1.0).to(tl.int32), axis=0)
-    if not IN_PLACE:
-        n_off = n_off * 0 + 1  # out is a new buffer: always write it
-    return n_off != 0
+def _must_scale(g):
+    # a slice whose g values are all exactly 1 is left untouched (NaN != 1: it is scaled)
+    return tl.sum((g != 1.0).to(tl.int32), axis=0) != 0
 
 
 @triton.jit
 def _scale_grads_kernel(
     g_ptr, stride_g,
-    a_ptr, b_ptr, c_ptr, d_ptr, a_out, b_out, c_out, d_out,
+    a_ptr, b_ptr, c_ptr, d_ptr,
     n_ab, n_cd, N, L, ab_programs,
-    HAS_B: tl.constexpr, PER_ROW: tl.constexpr, IN_PLACE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_B: tl.constexpr, PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # out = in * g for the forward's contiguous gradient buffers: a, b are [B, N] (d recon, d x),
+    # buffer *= g, in place, for the forward's contiguous gradients: a, b are [B, N] (d recon, d x),
     # c, d are [B, L] (d mu, d logvar); grad_output g is one scalar (stride_g = 0) or one value
-    # per row (PER_ROW). IN_PLACE (out is in): a program whose g values are all 1 returns before touching
-    # its slice, so grad_output = 1 moves no bytes.
+    # per row (PER_ROW). A program whose g values are all 1 returns before touching its slice, so
+    # grad_output = 1 moves no bytes.
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK).to(tl.int64)
     if pid < ab_programs:
@@ -245,12 +242,12 @@ def _scale_grads_kernel(
             g = tl.load(g_ptr + (offs // N) * stride_g, mask=m, other=1.0).to(tl.float32)
         else:
             g = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(g_ptr).to(tl.float32)
-        if _must_scale(g, IN_PLACE):
+        if _must_scale(g):
             va = tl.load(a_ptr + offs, mask=m, other=0).to(tl.float32)
-            tl.store(a_out + offs, (va * g).to(a_out.dtype.element_ty), mask=m)
+            tl.store(a_ptr + offs, (va * g).to(a_ptr.dtype.element_ty), mask=m)
             if HAS_B:
                 vb = tl.load(b_ptr + offs, mask=m, other=0).to(tl.float32)
-                tl.store(b_out + offs, (vb * g).to(b_out.dtype.element_ty), mask=m)
+                tl.store(b_ptr + offs, (vb * g).to(b_ptr.dtype.element_ty), mask=m)
     else:
         offs = (pid - ab_programs).to(tl.int64) * BLOCK + lanes
         m = offs < n_cd
@@ -258,11 +255,11 @@ def _scale_grads_kernel(
             g = tl.load(g_ptr + (offs // L) * stride_g, mask=m, other=1.0).to(tl.float32)
         else:
             g = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(g_ptr).to(tl.float32)
-        if _must_scale(g, IN_PLACE):
+        if _must_scale(g):
             vc = tl.load(c_ptr + offs, mask=m, other=0).to(tl.float32)
-            tl.store(c_out + offs, (vc * g).to(c_out.dtype.element_ty), mask=m)
+            tl.store(c_ptr + offs, (vc * g).to(c_ptr.dtype.element_ty), mask=m)
             vd = tl.load(d_ptr + offs, mask=m, other=0).to(tl.float32)
-            tl.store(d_out + offs, (vd * g).to(d_out.dtype.element_ty), mask=m)
+            tl.store(d_ptr + offs, (vd * g).to(d_ptr.dtype.element_ty), mask=m)
 
 
 # ---- launchers ---------------------------------------------------------------------------------
@@ -334,36 +331,19 @@ def elbo_forward(kernel_launch, recon, x, mu, logvar, beta: float, from_logits: 
     return loss, drecon, dx, dmu, dlogvar
 
 
-def _launch_scale(kernel_launch, grad, src, dst, in_place: bool) -> None:
-    drecon, dx, dmu, dlogvar = src
+def scale_grads_(kernel_launch, grad, drecon, dx, dmu, dlogvar) -> None:
+    """Multiply the forward's gradient buffers in place by ``grad`` (a scalar, or [B] per row).
+
+    Programs whose grad values are all 1 return at once. ``dx`` may be empty (not asked for).
+    """
     B, N = drecon.shape
     L = dmu.shape[1]
     stride_g = 0 if grad.dim() == 0 else grad.stride(0)
     ab_programs = triton.cdiv(B * N, _FLAT_BLOCK)
     programs = ab_programs + triton.cdiv(B * L, _FLAT_BLOCK)
     has_b = dx.numel() > 0
-    a, b, c, d = dst
     kernel_launch(_scale_grads_kernel)[(programs,)](
-        grad, stride_g, drecon, dx if has_b else drecon, dmu, dlogvar,
-        a, b if has_b else a, c, d,  # without d x, its slot points at d recon and is never used
+        grad, stride_g, drecon, dx if has_b else drecon, dmu, dlogvar,  # no d x: never touched
         B * N, B * L, N, L, ab_programs,
-        HAS_B=has_b, PER_ROW=grad.dim() > 0, IN_PLACE=in_place, BLOCK=_FLAT_BLOCK, num_warps=_FLAT_WARPS,
+        HAS_B=has_b, PER_ROW=grad.dim() > 0, BLOCK=_FLAT_BLOCK, num_warps=_FLAT_WARPS,
     )
-
-
-def scale_grads_(kernel_launch, grad, drecon, dx, dmu, dlogvar) -> None:
-    """Multiply the forward's gradient buffers in place by ``grad`` (a scalar, or [B] per row).
-
-    Programs whose grad values are all 1 return at once. ``dx`` may be empty (not asked for).
-    """
-    bufs = (drecon, dx, dmu, dlogvar)
-    _launch_scale(kernel_launch, grad, bufs, bufs, in_place=True)
-
-
-def scale_grads(kernel_launch, grad, drecon, dx, dmu, dlogvar):
-    """The functional form of :func:`scale_grads_`: new tensors ``buffer * grad`` (for traced graphs,
-    where an in-place update of a saved tensor would be preceded by a copy)."""
-    src = (drecon, dx, dmu, dlogvar)
-    dst = tuple(torch.empty_like(t) for t in src)
-    _launch_scale(kernel_launch, grad, src, dst, in_place=False)
-    return dst
