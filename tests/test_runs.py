@@ -246,5 +246,8 @@ def test_precision_is_logged_and_recorded(tiny, monkeypatch, capsys):
     m = fastvae.train(tiny, epochs=1, out_dir=None, **QUIET).metrics
     assert m["precision"] == "bf16" and "native bf16" in m["precision_reason"]
     assert "precision bf16 (auto: this CPU has native bf16" in capsys.readouterr().err
-    m = fastvae.train(tiny, epochs=1, out_dir=None, precision="fp32", **QUIET).metrics
-    assert m["precision"] == "fp32"
+    fp32 = fastvae.train(tiny, epochs=1, out_dir=None, precision="fp32", **QUIET).metrics
+    assert fp32["precision"] == "fp32"
+    # bf16 autocast really ran: the same run in fp32 computes a different loss
+    assert m["train_loss"] != fp32["train_loss"]
+    assert m["train_loss"][0] == pytest.approx(fp32["train_loss"][0], rel=0.02)
