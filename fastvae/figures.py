@@ -171,7 +171,7 @@ def save_manifold(model: VAE, path: PathLike, n: int = 20) -> Path:
     grid = image_grid(decode_latents(model, z), nrow=n, side=side, pad=0)
     q = z[:n, 0].tolist()  # z1 along a row; z2 falls down the rows (the same values, reversed)
     every = max(1, n // 7)
-    picks = sorted({*range(0, n, every), n - 1})
+    picks = sorted({*range(0, n // 2, every), *(n - 1 - i for i in range(0, n // 2, every))})  # symmetric
     xticks = [(side * (i + 0.5) - 0.5, f"{q[i]:.2f}") for i in picks]
     yticks = [(side * (i + 0.5) - 0.5, f"{q[n - 1 - i]:.2f}") for i in picks]
     return _save_grid(grid, path, "learned manifold: z = Φ⁻¹(grid) (Kingma & Welling, Fig. 4)",
