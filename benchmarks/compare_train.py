@@ -84,7 +84,7 @@ def _timed(fn, device) -> tuple[float, float]:
 
 
 def matmul_floor(device, batch: int, dtype: torch.dtype, hidden: int = 400, d: int = 784,
-                 reps: int = 200) -> dict:
+                 seconds_per_product: float = 0.2) -> dict:
     """Seconds per step of the five big matrix products of a training step in ``dtype``: forward
     fc1 [B,784]x[784,400] and fc4 [B,400]x[400,784]; backward fc4's input grad [B,784]x[784,400]
     and weight grad [784,B]x[B,400], fc1's weight grad [400,B]x[B,784]. The rest of a step (the
@@ -98,6 +98,11 @@ def matmul_floor(device, batch: int, dtype: torch.dtype, hidden: int = 400, d: i
         torch.mm(a, b)
     seconds = []
     for a, b in pairs:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        reps = max(3, min(1000, int(seconds_per_product / 3 / max(time.perf_counter() - t0, 1e-6))))
         best = math.inf
         for _ in range(3):  # best of 3 timings of `reps` products
             if device.type == "cuda":
