@@ -145,6 +145,10 @@ def test_evaluate_refuses_a_bit_flipped_checkpoint_and_says_what_it_does(tmp_pat
     assert main(["evaluate", str(out), "--iw-samples", "4", "--device", "cpu", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "IWAE bound with K=4" in err and "1000 mnist-5k test images" in err
+    assert "image/s" not in err and "images/s" not in err  # --no-progress: no bar
+    assert main(["evaluate", str(out), "--iw-samples", "4", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "IWAE bound, K=4" in err and "1000/1000" in err  # the progress bar, to the end
     import fastvae.training
 
     ckpt = fastvae.training.read_checkpoint(out)
