@@ -123,7 +123,7 @@ def matmul_floor(device, batch: int, dtype: torch.dtype, hidden: int = 400, d: i
 def warm_up(data, batch_size: int, device, precisions, images: int = 12800) -> None:
     """Untimed: every loop over a slice of the data, so first-touch costs (allocator, page faults
     of a fresh VM's memory, lazy library init) land on no side of the comparison."""
-    small = data.subset(images, 1000)
+    small = data.subset(min(images, data.train_x.shape[0]), 1000)
     runners = [SeedStyle(small, batch_size, 1e-3, 0, device)]
     runners += [FastVAE(small, batch_size, 1e-3, 0, device, precision=p) for p in precisions]
     for runner in runners:
@@ -142,6 +142,10 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=None,
                    help="fastvae's precisions to run (default: fp32, plus bf16 on a CPU with native bf16)")
+    p.add_argument("--train-images", type=int, default=None,
+                   help="train on the first N training images only (for a quick check; default all)")
+    p.add_argument("--floor-seconds", type=float, default=0.2,
+                   help="time spent measuring each product of the matmul floor (default 0.2 s)")
     p.add_argument("--compile", action="store_true", help="also torch.compile fastvae's step")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train-<device>.json)")
     args = p.parse_args(argv)
@@ -150,9 +154,12 @@ def main(argv=None) -> dict:
     precisions = args.precision or (["fp32", "bf16"] if device.type == "cpu" and cpu_has_native_bf16()
                                     else ["fp32"])
     data = fastvae.load_dataset(args.dataset, data_dir=args.data_dir, device=device)
+    if args.train_images is not None:
+        data = data.subset(args.train_images)
     print(f"{data}\ndevice: {_device_name(device)}, torch {torch.__version__}, native bf16: "
           f"{cpu_has_native_bf16() if device.type == 'cpu' else 'n/a'}", flush=True)
-    floors = {prec: matmul_floor(device, args.batch_size, {"fp32": torch.float32, "bf16": torch.bfloat16}[prec])
+    floors = {prec: matmul_floor(device, args.batch_size, {"fp32": torch.float32, "bf16": torch.bfloat16}[prec],
+                                 seconds_per_product=args.floor_seconds)
               for prec in sorted(set(precisions) | {"fp32"})}
     steps = math.ceil(data.train_x.shape[0] / args.batch_size)
     for prec, f in floors.items():

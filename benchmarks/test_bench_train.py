@@ -60,9 +60,11 @@ def test_compare_train_script_reports_speed_against_the_matmul_floor(tmp_path):
     from benchmarks.compare_train import main
 
     out = tmp_path / "train.json"
-    r = main(["--dataset", "mnist-5k", "--epochs", "1", "--precision", "fp32", "bf16", "--out", str(out)])
+    r = main(["--dataset", "mnist-5k", "--train-images", "512", "--epochs", "1", "--precision", "fp32", "bf16",
+              "--floor-seconds", "0.02", "--out", str(out)])
     assert json.loads(out.read_text()) == r
-    steps = -(-4000 // 128)
+    assert r["n_train"] == 512
+    steps = 512 // 128
     for prec in ("fp32", "bf16"):
         floor = r["matmul_floor"][prec]
         assert floor["epoch_seconds"] == pytest.approx(floor["step_seconds"] * steps)
@@ -70,5 +72,5 @@ def test_compare_train_script_reports_speed_against_the_matmul_floor(tmp_path):
         run = r[f"fastvae_{prec}"]
         assert run["speedup"] == pytest.approx(r["seed_style"]["mean_epoch_seconds"] / run["mean_epoch_seconds"])
         assert run[f"fraction_of_{prec}_matmul_floor"] == pytest.approx(floor["epoch_seconds"] / run["mean_epoch_seconds"])
-        assert 0 < run[f"fraction_of_{prec}_matmul_floor"] < 1.5
-        assert abs(run["test_loss_difference"]) < 15  # one short epoch on 4,000 images: same ballpark
+        assert run[f"fraction_of_{prec}_matmul_floor"] > 0  # (its size is a timing: not asserted)
+        assert abs(run["test_loss_difference"]) < 25  # one epoch of 4 steps from the same start: close
