@@ -282,6 +282,11 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
     return model.to(map_location), ckpt
 
 
+def _existing_outputs(out: Path) -> list[str]:
+    """The run files (RUN_FILES) present in ``out``."""
+    return [name for name in RUN_FILES if (out / name).exists()]
+
+
 class RunFolder:
     """An output folder held for one run: checked writable, locked against a concurrent run (an
     ``flock`` that the OS drops when its holder dies, even by ``kill -9``), and cleared of the temp
@@ -327,7 +332,7 @@ class RunFolder:
         return self
 
     def existing_outputs(self) -> list[str]:
-        return [name for name in RUN_FILES if (self.path / name).exists()]
+        return _existing_outputs(self.path)
 
     def clear(self) -> None:
         for name in RUN_FILES:
@@ -539,8 +544,9 @@ def train(dataset: Union[str, Dataset, None] = None, *, epochs: Optional[int] = 
             if changed:
                 raise ValueError("resume: these settings differ from the checkpoint's (saved, given): "
                                  + ", ".join(f"{k}={a!r}/{b!r}" for k, (a, b) in changed.items()))
-        elif folder is not None and not overwrite and folder.existing_outputs():
-            held = ", ".join(folder.existing_outputs())
+        elif out is not None and not overwrite and _existing_outputs(out):
+            # every rank checks (a read), so that under torchrun all stop, not rank 0 alone
+            held = ", ".join(_existing_outputs(out))
             how = ("it has no checkpoint to resume; " if resume else "")
             raise ValueError(f"output folder {out} already holds a run ({held}); {how}pass --resume to "
                              "continue it, --overwrite to replace it, or choose another --out")
