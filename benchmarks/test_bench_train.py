@@ -11,6 +11,8 @@ Group ``train-epoch-B128`` on a fixed synthetic data set of MNIST's shape (60,00
 Both start from the same weights; the timed function is one whole epoch (synchronised on CUDA by
 the ``bench`` fixture).
 """
+import json
+
 import pytest
 import torch
 
@@ -51,3 +53,24 @@ def test_train_epoch_fastvae(bench, device, images):
     bench(lambda: losses.append(train_epoch(trainer, x).item() / N_IMAGES), group=GROUP,
           provider="fastvae", rounds=3, batch=BATCH, images=N_IMAGES)
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_compare_train_script_reports_speed_against_the_matmul_floor(tmp_path):
+    """benchmarks/compare_train.py end to end on a small data set (what it reports, not how fast)."""
+    from benchmarks.compare_train import main
+
+    out = tmp_path / "train.json"
+    r = main(["--dataset", "mnist-5k", "--train-images", "512", "--epochs", "1", "--precision", "fp32", "bf16",
+              "--floor-seconds", "0.02", "--out", str(out)])
+    assert json.loads(out.read_text()) == r
+    assert r["n_train"] == 512
+    steps = 512 // 128
+    for prec in ("fp32", "bf16"):
+        floor = r["matmul_floor"][prec]
+        assert floor["epoch_seconds"] == pytest.approx(floor["step_seconds"] * steps)
+        assert floor["gflops"] == pytest.approx(5 * 2 * 128 * 784 * 400 / floor["step_seconds"] / 1e9)
+        run = r[f"fastvae_{prec}"]
+        assert run["speedup"] == pytest.approx(r["seed_style"]["mean_epoch_seconds"] / run["mean_epoch_seconds"])
+        assert run[f"fraction_of_{prec}_matmul_floor"] == pytest.approx(floor["epoch_seconds"] / run["mean_epoch_seconds"])
+        assert run[f"fraction_of_{prec}_matmul_floor"] > 0  # (its size is a timing: not asserted)
+        assert abs(run["test_loss_difference"]) < 25  # one epoch of 4 steps from the same start: close

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Optional, Sequence
 
 from ._backend import BACKENDS
 from .data import DATASETS, DataError
-from .training import DEFAULTS
+from .training import DEFAULTS, PRECISIONS, TrainingDiverged
 
 
 def _latent_point(text: str) -> list[float]:
@@ -32,7 +33,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="fastvae op backend")
     p.add_argument("--compile", action="store_true", help="torch.compile the step (CUDA graphs on GPU)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (for GPUs)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto (default): bf16 autocast on a CPU with native bf16 (AVX512-BF16/AMX), "
+                        "else fp32; the log says which and why")
+    p.add_argument("--amp", action="store_true", help="the same as --precision bf16")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (without it, such a folder is refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -56,12 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("decode", help="decode chosen latent points of a trained run into a PNG")
     p.add_argument("run", help="run folder (or checkpoint.pt)")
     p.add_argument("--z", type=_latent_point, action="append", required=True,
                    help="a latent point, e.g. --z 0.5,0 --z 2,0 (repeat for more)")
-    p.add_argument("--out", default="decoded.png")
+    p.add_argument("--out", default=None, help="PNG path (default: decoded.png in the run folder)")
 
     p = sub.add_parser("compare-latents", help="reconstructions at several latent sizes (default 20 and 5)")
     _add_train_options(p)
@@ -73,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
 def _train_kwargs(args) -> dict:
     return dict(epochs=args.epochs, hidden_dim=args.hidden_dim, batch_size=args.batch_size, lr=args.lr,
                 beta=args.beta, seed=args.seed, device=args.device, backend=args.backend,
-                compile=args.compile, amp=args.amp, progress=not args.no_progress, data_dir=args.data_dir)
+                compile=args.compile, precision=args.precision, amp=args.amp, overwrite=args.overwrite,
+                progress=not args.no_progress, data_dir=args.data_dir)
 
 
 def _run(args) -> int:
@@ -92,18 +100,31 @@ def _run(args) -> int:
         from .evaluate import evaluate
         from .training import load_checkpoint, resolve_device
 
+        if args.iw_samples < 0:
+            raise ValueError(f"--iw-samples must be >= 0, got {args.iw_samples}")
         device = resolve_device(args.device)
         model, ckpt = load_checkpoint(args.run, map_location=device)
         data = load_dataset(ckpt["dataset"], data_dir=args.data_dir, device=device)
+        print(f"fastvae evaluate: test ELBO of {args.run} on {data.test_x.shape[0]} {data.name} test "
+              f"images" + (f", then the IWAE bound with K={args.iw_samples} samples per image (the "
+                           "longest part)" if args.iw_samples else ""), file=sys.stderr, flush=True)
         gen = torch.Generator(device=device).manual_seed(args.seed)
-        print(json.dumps({"dataset": data.name, **evaluate(model, data, iw_samples=args.iw_samples,
-                                                           generator=gen)}, indent=2))
+        result = evaluate(model, data, iw_samples=args.iw_samples, generator=gen,
+                          progress=not args.no_progress)
+        if not all(math.isfinite(v) for v in result.values()):
+            raise ValueError(f"the evaluation of {args.run} gave non-finite values ({result}); the "
+                             "checkpoint's model is unusable")
+        print(json.dumps({"dataset": data.name, **result}, indent=2, allow_nan=False))
     elif args.command == "decode":
         from .figures import save_decoded
         from .training import load_checkpoint
 
+        from pathlib import Path
+
         model, _ = load_checkpoint(args.run)
-        print(f"wrote {save_decoded(model.eval(), args.z, args.out)}")
+        run = Path(args.run)
+        out = args.out or (run if run.is_dir() else run.parent) / "decoded.png"
+        print(f"wrote {save_decoded(model.eval(), args.z, out)}")
     else:
         from .figures import compare_latents
 
@@ -120,6 +141,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, TypeError, DataError, FileNotFoundError) as e:
         print(f"fastvae {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"fastvae {args.command}: error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"fastvae {args.command}: interrupted; the last checkpoint is kept (resume with --resume)",
               file=sys.stderr)

@@ -50,19 +50,23 @@ def image_grid(images: Tensor, nrow: int, side: int, pad: int = 2) -> np.ndarray
 
 
 def _save_grid(grid: np.ndarray, path: PathLike, title: str, row_labels: Sequence[str] = (),
-               row_height: int = 0) -> Path:
+               row_height: int = 0, xticks: Sequence[tuple[float, str]] = (),
+               yticks: Sequence[tuple[float, str]] = (), xlabel: str = "", ylabel: str = "",
+               px: float = 4.0) -> Path:
+    """``grid`` as a PNG at ``px`` screen pixels per image pixel, cropped to its content."""
     h, w = grid.shape
-    fig, ax = plt.subplots(figsize=(max(3.0, w / 40), max(2.0, h / 40 + 0.5)), dpi=100)
+    fig, ax = plt.subplots(figsize=(w * px / 100, h * px / 100), dpi=100)
     ax.imshow(grid, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_title(title, fontsize=10)
-    ax.set_xticks([])
+    ax.set_xticks([t for t, _ in xticks], [label for _, label in xticks], fontsize=8)
     if row_labels:
-        ax.set_yticks([row_height * (i + 0.5) for i in range(len(row_labels))], list(row_labels), fontsize=8)
+        yticks = [(row_height * (i + 0.5), label) for i, label in enumerate(row_labels)]
+    ax.set_yticks([t for t, _ in yticks], [label for _, label in yticks], fontsize=8)
+    if row_labels:
         ax.tick_params(length=0)
-    else:
-        ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.savefig(path, bbox_inches="tight", pad_inches=0.08)
     plt.close(fig)
     return Path(path)
 
@@ -81,12 +85,13 @@ def reconstruct(model: VAE, x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def save_reconstructions(model: VAE, x: Tensor, path: PathLike, n: int = 8) -> Path:
-    """``n`` images spread through ``x`` over their reconstructions."""
+def save_reconstructions(model: VAE, x: Tensor, path: PathLike, n: int = 10, dataset: str = "") -> Path:
+    """``n`` images spread through ``x`` over their reconstructions (z = mu)."""
     x = spread(x, n)
     originals = model.prepare_input(x.to(model.fc1.weight.device))
     grid = image_grid(torch.cat([originals, reconstruct(model, x)]), nrow=x.shape[0], side=_side(model))
-    return _save_grid(grid, path, "originals (top) and reconstructions (bottom)",
+    on = f" of {dataset} test images" if dataset else ""
+    return _save_grid(grid, path, f"reconstructions{on}, latent dim {model.latent_dim}",
                       ("original", "reconstruction"), _side(model) + 2)
 
 
@@ -96,18 +101,23 @@ def save_samples(model: VAE, path: PathLike, n: int = 64, seed: int = 0) -> Path
     gen = torch.Generator(device=model.fc1.weight.device).manual_seed(seed)
     nrow = math.isqrt(n) if math.isqrt(n) ** 2 == n else 8
     grid = image_grid(model.sample(n, generator=gen), nrow=nrow, side=_side(model))
-    return _save_grid(grid, path, f"samples: z ~ N(0, I), latent dim {model.latent_dim}")
+    return _save_grid(grid, path, f"samples: z ~ N(0, I), latent dim {model.latent_dim}", px=3.0)
 
 
-def save_loss_curve(history: dict, path: PathLike) -> Path:
-    """Train and test loss (nats per image) against the epoch."""
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+def save_loss_curve(history: dict, path: PathLike, dataset: str = "") -> Path:
+    """Train and test loss (nats per image) against the epoch (whole-epoch ticks)."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
     epochs = range(1, len(history["train_loss"]) + 1)
     ax.plot(epochs, history["train_loss"], "o-", label="train (objective)")
     ax.plot(epochs, history["test_loss"], "s-", label="test (negative ELBO)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(epochs) == 1:
+        ax.set_xlim(0.5, 1.5)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss per image (nats)")
-    ax.set_title("VAE loss")
+    ax.set_title(f"VAE loss on {dataset}" if dataset else "VAE loss")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -153,10 +163,19 @@ def manifold_latents(n: int = 20) -> Tensor:
 
 @torch.no_grad()
 def save_manifold(model: VAE, path: PathLike, n: int = 20) -> Path:
-    """The learned data manifold: decoded z over an ``n`` x ``n`` inverse-normal-CDF grid."""
+    """The learned data manifold: decoded z over an ``n`` x ``n`` inverse-normal-CDF grid, with
+    the z values on the axes."""
     _require_2d(model, "manifold")
-    grid = image_grid(decode_latents(model, manifold_latents(n)), nrow=n, side=_side(model), pad=0)
-    return _save_grid(grid, path, "learned manifold: z = Φ⁻¹(grid) (Kingma & Welling, Fig. 4)")
+    side = _side(model)
+    z = manifold_latents(n)
+    grid = image_grid(decode_latents(model, z), nrow=n, side=side, pad=0)
+    q = z[:n, 0].tolist()  # z1 along a row; z2 falls down the rows (the same values, reversed)
+    every = max(1, n // 7)
+    picks = sorted({*range(0, n // 2, every), *(n - 1 - i for i in range(0, n // 2, every))})  # symmetric
+    xticks = [(side * (i + 0.5) - 0.5, f"{q[i]:.2f}") for i in picks]
+    yticks = [(side * (i + 0.5) - 0.5, f"{q[n - 1 - i]:.2f}") for i in picks]
+    return _save_grid(grid, path, "learned manifold: z = Φ⁻¹(grid) (Kingma & Welling, Fig. 4)",
+                      xticks=xticks, yticks=yticks, xlabel="$z_1$", ylabel="$z_2$", px=2.0)
 
 
 @torch.no_grad()
@@ -181,9 +200,9 @@ def write_run_figures(model: VAE, data: Dataset, history: dict, out_dir: PathLik
     """All of a run's figures into ``out_dir``; returns their file names."""
     out = Path(out_dir)
     model.eval()
-    paths = [save_reconstructions(model, data.test_x, out / "reconstructions.png"),
+    paths = [save_reconstructions(model, data.test_x, out / "reconstructions.png", dataset=data.name),
              save_samples(model, out / "samples.png", seed=seed),
-             save_loss_curve(history, out / "loss_curve.png")]
+             save_loss_curve(history, out / "loss_curve.png", dataset=data.name)]
     if model.latent_dim == 2:
         from torchvision.datasets import FashionMNIST
 

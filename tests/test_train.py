@@ -8,7 +8,7 @@ import torch
 import fastvae
 from fastvae.baselines import eager_elbo, seed_loader, seed_test, seed_train_epoch
 from fastvae.figures import compare_latents, save_decoded
-from fastvae.training import Trainer
+from fastvae.training import Trainer, save_checkpoint
 
 QUIET = dict(progress=False, device="cpu")
 
@@ -122,7 +122,7 @@ def test_resume_without_epochs_continues_to_the_checkpoints_target(small, tmp_pa
     fastvae.train(small, epochs=1, batch_size=64, out_dir=tmp_path, figures=False, **QUIET)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     ckpt["config"]["epochs"] = 3  # as written after epoch 1 of an `epochs=3` run
-    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    save_checkpoint(tmp_path / "checkpoint.pt", ckpt)  # with a fresh content hash
     resumed = fastvae.train(small, out_dir=tmp_path, resume=True, figures=False, **QUIET)
     assert resumed.metrics["epochs"] == 3 and len(resumed.metrics["train_loss"]) == 3
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 3

@@ -1,0 +1,253 @@
+"""A run's folder and checkpoint can be trusted: nothing is overwritten by accident, concurrent runs
+are refused, divergence stops the run, bad folders and checkpoints fail before any work starts,
+and checkpoints are written atomically and verified when read."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastvae
+import fastvae.training as training
+from fastvae.training import (LOCK, RunFolder, Trainer, TrainingDiverged, choose_precision,
+                              read_checkpoint, save_checkpoint)
+
+QUIET = dict(progress=False, device="cpu", batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return fastvae.load_dataset("mnist-5k").subset(256, 64)
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _no_data(*args, **kwargs):
+    raise AssertionError("the data set was loaded before the error was found")
+
+
+# ----------------------------------------------------------------------------- overwriting
+def test_existing_run_is_not_overwritten_without_resume_or_overwrite(tiny, tmp_path):
+    fastvae.train(tiny, epochs=1, latent_dim=2, out_dir=tmp_path, **QUIET)
+    before = {p.name: _sha(p) for p in tmp_path.iterdir() if p.name != LOCK}
+    assert {"checkpoint.pt", "metrics.json", "manifold.png"} <= set(before)
+    with pytest.raises(ValueError, match="already holds a run.*--resume.*--overwrite"):
+        fastvae.train(tiny, epochs=1, out_dir=tmp_path, **QUIET)
+    assert {p.name: _sha(p) for p in tmp_path.iterdir() if p.name != LOCK} == before
+
+
+def test_overwrite_replaces_the_whole_run_and_leaves_no_stale_figures(tiny, tmp_path):
+    fastvae.train(tiny, epochs=1, latent_dim=2, out_dir=tmp_path, **QUIET)
+    assert (tmp_path / "manifold.png").exists()
+    fastvae.train(tiny, epochs=1, latent_dim=3, out_dir=tmp_path, overwrite=True, **QUIET)
+    assert read_checkpoint(tmp_path)["config"]["latent_dim"] == 3
+    assert not (tmp_path / "manifold.png").exists() and not (tmp_path / "latent_scatter.png").exists()
+    assert json.loads((tmp_path / "metrics.json").read_text())["config"]["latent_dim"] == 3
+
+
+def test_resume_without_a_checkpoint_does_not_overwrite_other_outputs(tiny, tmp_path):
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(ValueError, match="no checkpoint to resume"):
+        fastvae.train(tiny, epochs=1, out_dir=tmp_path, resume=True, **QUIET)
+    assert (tmp_path / "metrics.json").read_text() == "{}"
+
+
+# ----------------------------------------------------------------------------- concurrency
+def test_a_folder_in_use_is_refused(tiny, tmp_path):
+    with RunFolder(tmp_path):
+        with pytest.raises(ValueError, match=f"in use by another fastvae run \\(process {os.getpid()}\\)"):
+            fastvae.train(tiny, epochs=1, out_dir=tmp_path, **QUIET)
+    assert not (tmp_path / "checkpoint.pt").exists()
+    fastvae.train(tiny, epochs=1, out_dir=tmp_path, figures=False, **QUIET)  # released: it runs
+
+
+def test_lock_of_a_killed_holder_is_released(tiny, tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time\n"
+         f"f = open({str(tmp_path / LOCK)!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write('4242')\n"
+         "f.flush(); print('locked', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match="in use by another fastvae run \\(process 4242\\)"):
+            fastvae.train(tiny, epochs=1, out_dir=tmp_path, **QUIET)
+    finally:
+        holder.kill()  # kill -9: no chance to clean up
+        holder.wait()
+    fastvae.train(tiny, epochs=1, out_dir=tmp_path, figures=False, **QUIET)
+    assert read_checkpoint(tmp_path)["epoch"] == 1
+
+
+def test_stale_temp_files_of_interrupted_writes_are_removed(tiny, tmp_path):
+    stale = [tmp_path / ".checkpoint.pt.99999.tmp", tmp_path / ".metrics.json.99998.tmp"]
+    for p in stale:
+        p.write_bytes(b"x" * 1000)
+    fastvae.train(tiny, epochs=1, out_dir=tmp_path, figures=False, **QUIET)
+    assert not any(p.exists() for p in stale)
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+# ----------------------------------------------------------------------------- divergence
+def test_divergence_stops_a_new_run_and_writes_nothing(tiny, tmp_path):
+    with pytest.raises(TrainingDiverged, match="diverged in epoch 1: train loss nan.*smaller learning rate"):
+        fastvae.train(tiny, epochs=3, lr=10.0, out_dir=tmp_path, **QUIET)
+    assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_divergence_never_replaces_a_good_checkpoint(tiny, tmp_path):
+    fastvae.train(tiny, epochs=1, out_dir=tmp_path, figures=False, **QUIET)
+    # the next epoch runs at a learning rate that blows it up
+    ckpt = read_checkpoint(tmp_path)
+    for group in ckpt["optimizer"]["param_groups"]:
+        group["lr"] = 1e4
+    save_checkpoint(tmp_path / "checkpoint.pt", ckpt)
+    good = {name: _sha(tmp_path / name) for name in ("checkpoint.pt", "metrics.json")}
+    with pytest.raises(TrainingDiverged, match="epoch 2.*checkpoint.pt still holds epoch 1"):
+        fastvae.train(tiny, epochs=3, out_dir=tmp_path, resume=True, **QUIET)
+    assert {name: _sha(tmp_path / name) for name in good} == good
+
+
+def test_a_diverging_overwrite_keeps_the_old_run(tiny, tmp_path):
+    fastvae.train(tiny, epochs=1, out_dir=tmp_path, **QUIET)
+    before = {p.name: _sha(p) for p in tmp_path.iterdir() if p.name != LOCK}
+    with pytest.raises(TrainingDiverged, match="left as it was"):
+        fastvae.train(tiny, epochs=1, lr=10.0, out_dir=tmp_path, overwrite=True, **QUIET)
+    assert {p.name: _sha(p) for p in tmp_path.iterdir() if p.name != LOCK} == before
+
+
+def test_metrics_json_is_strict_json(tmp_path):
+    training.write_metrics(tmp_path / "m.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": 2.5})
+    text = (tmp_path / "m.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}")) == \
+        {"a": None, "b": [1.0, None], "c": 2.5}
+
+
+# ----------------------------------------------------------------------------- checks before work
+def test_out_that_is_a_file_fails_before_loading_data(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "load_dataset", _no_data)
+    f = tmp_path / "file"
+    f.write_text("mine")
+    with pytest.raises(ValueError, match=f"output folder {f} is a file"):
+        fastvae.train("mnist-5k", out_dir=f, **QUIET)
+    assert f.read_text() == "mine"
+
+
+def _read_only_dir(tmp_path):
+    if os.geteuid() != 0:
+        d = tmp_path / "ro"
+        d.mkdir()
+        d.chmod(0o555)
+        return d
+    if os.path.isdir("/sys/kernel"):
+        return "/sys/kernel"  # root writes past chmod; sysfs refuses new files even to root
+    pytest.skip("no read-only folder available")
+
+
+def test_read_only_out_fails_before_loading_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "load_dataset", _no_data)
+    ro = _read_only_dir(tmp_path)
+    with pytest.raises(ValueError, match=f"cannot write to output folder {ro}"):
+        fastvae.train("mnist-5k", out_dir=ro, **QUIET)
+
+
+def test_truncated_checkpoint_on_resume_is_a_clear_error(tiny, tmp_path, monkeypatch):
+    fastvae.train(tiny, epochs=1, out_dir=tmp_path, figures=False, **QUIET)
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:5000])
+    monkeypatch.setattr(training, "load_dataset", _no_data)
+    with pytest.raises(ValueError, match="checkpoint.pt is not a usable fastvae checkpoint: it cannot be read"):
+        fastvae.train("mnist-5k", epochs=2, out_dir=tmp_path, resume=True, **QUIET)
+
+
+def test_triton_backend_on_cpu_fails_before_loading_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "load_dataset", _no_data)
+    monkeypatch.setattr(training, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(training, "triton_available", lambda: True)
+    with pytest.raises(ValueError, match="backend 'triton' runs on CUDA GPUs, not on cpu"):
+        fastvae.train("mnist-5k", backend="triton", out_dir=tmp_path / "run", **QUIET)
+    assert not (tmp_path / "run").exists(), "an empty run folder was left"
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_bit_flipped_checkpoint_is_refused(tiny, tmp_path):
+    fastvae.train(tiny, epochs=1, out_dir=tmp_path, figures=False, **QUIET)
+    path = tmp_path / "checkpoint.pt"
+    data = bytearray(path.read_bytes())
+    # flip one bit inside fc1.weight's stored bytes (found by its value), not in the zip metadata
+    w = read_checkpoint(path)["model"]["fc1.weight"]
+    needle = w.reshape(-1)[100:104].numpy().tobytes()
+    at = bytes(data).index(needle)
+    data[at + 1] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="do not match the SHA-256"):
+        fastvae.load_checkpoint(tmp_path)
+
+
+def test_checkpoint_with_non_finite_weights_is_refused(tiny, tmp_path):
+    fastvae.train(tiny, epochs=1, out_dir=tmp_path, figures=False, **QUIET)
+    ckpt = read_checkpoint(tmp_path)
+    ckpt["model"]["fc4.bias"][3] = float("nan")
+    save_checkpoint(tmp_path / "checkpoint.pt", ckpt)  # a valid hash over bad weights
+    with pytest.raises(ValueError, match="non-finite weights in fc4.bias"):
+        fastvae.load_checkpoint(tmp_path)
+
+
+def test_failed_checkpoint_write_leaves_the_previous_one_loadable(tiny, tmp_path, monkeypatch):
+    fastvae.train(tiny, epochs=1, out_dir=tmp_path, figures=False, **QUIET)
+    before = _sha(tmp_path / "checkpoint.pt")
+    real_save = torch.save
+
+    def save_then_fail(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        with open(f, "r+b") as fh:  # half the file written, then the process "dies"
+            fh.truncate(os.path.getsize(f) // 2)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path / "checkpoint.pt", {"model": {}, "model_config": {}})
+    monkeypatch.undo()
+    assert _sha(tmp_path / "checkpoint.pt") == before
+    assert read_checkpoint(tmp_path)["epoch"] == 1
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+# ----------------------------------------------------------------------------- batches, precision
+def test_each_epoch_draws_a_new_permutation(tiny):
+    trainer = Trainer(fastvae.VAE(), {"batch_size": 64, "lr": 1e-3, "beta": 1.0, "seed": 1},
+                      torch.device("cpu"))
+    n = tiny.train_x.shape[0]
+    epochs = [torch.cat(trainer.batches(n)) for _ in range(3)]
+    for perm in epochs:
+        assert torch.equal(perm.sort().values, torch.arange(n))  # every image once
+    assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])
+    assert not torch.equal(epochs[0], torch.arange(n))
+
+
+def test_precision_auto_follows_the_cpu(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
+    assert choose_precision("auto", cpu)[0] == "bf16"
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
+    used, why = choose_precision("auto", cpu)
+    assert used == "fp32" and "no native bf16" in why
+    assert choose_precision("bf16", cpu) == ("bf16", "requested")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        choose_precision("fp8", cpu)
+
+
+def test_precision_is_logged_and_recorded(tiny, monkeypatch, capsys):
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
+    m = fastvae.train(tiny, epochs=1, out_dir=None, **QUIET).metrics
+    assert m["precision"] == "bf16" and "native bf16" in m["precision_reason"]
+    assert "precision bf16 (auto: this CPU has native bf16" in capsys.readouterr().err
+    fp32 = fastvae.train(tiny, epochs=1, out_dir=None, precision="fp32", **QUIET).metrics
+    assert fp32["precision"] == "fp32"
+    # bf16 autocast really ran: the same run in fp32 computes a different loss
+    assert m["train_loss"] != fp32["train_loss"]
+    assert m["train_loss"][0] == pytest.approx(fp32["train_loss"][0], rel=0.02)
