@@ -121,9 +121,9 @@ def _bernoulli_probs(p: Tensor, t: Tensor, ws: list[Tensor], d_recon: Tensor | N
     return rows
 
 
-def _kl_rows(mu: Tensor, logvar: Tensor, ev: Tensor) -> Tensor:
-    """Per-row ``0.5 * sum(mu^2 + exp(logvar) - 1 - logvar)``; ``ev`` is ``exp(logvar)``."""
-    return 0.5 * (mu * mu + ev - 1.0 - logvar).sum(1)
+def _kl_rows(mu: Tensor, logvar: Tensor, ev: Tensor, weight: float) -> Tensor:
+    """Per-row ``weight * 0.5 * sum(mu^2 + exp(logvar) - 1 - logvar)``; ``ev`` is ``exp(logvar)``."""
+    return torch.addcmul(ev, mu, mu).sub_(1.0).sub_(logvar).sum(1).mul_(0.5 * weight)
 
 
 def _reduce(rows: Tensor, reduction: str) -> Tensor:
@@ -150,7 +150,7 @@ def _forward(recon, x, mu, logvar, beta, from_logits, reduction, want):
     likelihood = _bernoulli_logits if from_logits else _bernoulli_probs
     m, v = mu.to(dt), logvar.to(dt)
     ev = v.exp()
-    rows = beta * _kl_rows(m, v, ev)
+    rows = _kl_rows(m, v, ev, beta)
     d_recon = _grad_buffer(recon, dt) if want[0] else None
     d_x = _grad_buffer(x, dt) if want[1] else None
     chunks = _row_chunks(B, D)
@@ -199,7 +199,9 @@ def _recompute_grads(recon, x, mu, logvar, beta, from_logits, reduction, want, g
 
 def _is_one(grad: Tensor) -> bool:
     """grad_output == 1 everywhere, checked on the host: only for CPU tensors, where it is free."""
-    return grad.device.type == "cpu" and bool((grad == 1).all())
+    if grad.device.type != "cpu":
+        return False
+    return grad.item() == 1.0 if grad.numel() == 1 else bool((grad == 1).all())
 
 
 class ELBOFunction(torch.autograd.Function):
