@@ -187,3 +187,16 @@ def test_loss_bitwise_reproducible(from_logits):
     assert torch.equal(losses[0][1], losses[1][1])
     ref, _ = oracle.elbo(recon, x, mu, logvar, reduction="none", from_logits=from_logits)
     torch.testing.assert_close(losses[0][0].double(), ref, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-3, 0.1])
+def test_confident_random_logits_match_oracle(eps):
+    """|s| drawn in [15, 40] with either sign, targets at (or eps away from) the side s points to:
+    the relu(s) - s*t part is large per element and cancels, so it must be formed per element."""
+    g = torch.Generator().manual_seed(8)
+    s = (15 + 25 * torch.rand(64, D, generator=g)) * torch.where(torch.rand(64, D, generator=g) < 0.5, -1.0, 1.0)
+    x = torch.where(s > 0, 1.0 - eps, eps)
+    mu = torch.zeros(64, 4)
+    loss = fastvae.elbo_loss(s, x, mu, mu, reduction="none", backend="torch")
+    ref, _ = oracle.elbo(s, x, mu, mu, reduction="none")
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
