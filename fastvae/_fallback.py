@@ -11,7 +11,8 @@ torch ops only (no compile step, no C++ toolchain):
 
   ``(u - 1) - e`` is the exact rounding error of ``1 + e`` (both subtractions are exact), and
   dropping the ``1/u`` of the textbook correction costs at most ``2**-24 * e`` absolute, below
-  1e-7 relative to ``log1p(e)``. The row sums of the three parts are taken separately.
+  1e-7 relative to ``log1p(e)``. ``sum(log(u))`` over a row is the log of a float64 product
+  (no log per element), and the row sums of the parts are taken separately.
 * **No cancellation at confident logits.** ``relu(s) - s*t`` is formed per element (exactly 0 for
   s = 15, t = 1) before summing, instead of ``softplus(s).sum() - s.t`` over a row, which came out
   0.0 for a row whose loss is 2.4e-4.
