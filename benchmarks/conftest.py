@@ -26,7 +26,14 @@ Every benchmark goes through the ``bench`` fixture, called once per test::
   ``extra_info["first_call_s"]``). Pass e.g. ``rounds=3`` for something that takes seconds.
 * ``**extra``: more ``extra_info`` entries (batch, dtype, ...).
 
-On CUDA the timed function synchronises before it returns (and ``setup`` after its forward),
+On CPU, ``extra_info`` also records ``threads`` (torch's thread count) and ``cpu_capability``
+(ATen's dispatch level, ``torch.backends.cpu.get_cpu_capability()``: AVX2 and AVX-512 kernels
+differ a lot in speed), and the results file is named after both. ``--fastvae-threads 1,2`` and
+``--fastvae-cpu-levels avx2,avx512`` rerun the whole suite in one subprocess per combination
+(``ATEN_CPU_CAPABILITY`` must be set before torch is imported), skipping levels the CPU lacks.
+
+On CUDA the L2 cache is flushed before every timed call (``extra_info["l2_flushed"]``), the
+timed function synchronises before it returns (and ``setup`` after its forward),
 and the peak memory of one extra call goes to ``extra_info["peak_mem_mib"]`` (absolute, from
 ``torch.cuda.max_memory_allocated`` after a reset) and ``["peak_extra_mib"]`` (above what was
 allocated before the call). Other fixtures: ``device`` (a ``torch.device``: CUDA when available,
@@ -41,6 +48,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -58,8 +67,97 @@ def pytest_addoption(parser):
     group.addoption("--fastvae-device", default="auto", choices=("auto", "cpu", "cuda"),
                     help="device the benchmarks run on (default: cuda when available, else cpu)")
     group.addoption("--fastvae-save", action="store_true",
-                    help="after the run, write benchmarks/results/<device>.json, the table in "
-                         "benchmarks/README.md and the speed-up plot (see benchmarks/report.py)")
+                    help="after the run, write benchmarks/results/<device>[-<capability>-t<threads>].json, "
+                         "the table in benchmarks/README.md and the speed-up plot (see benchmarks/report.py)")
+    group.addoption("--fastvae-cpu-levels", default=None, metavar="LEVELS",
+                    help="comma-separated ATen CPU dispatch levels (e.g. avx2,avx512): rerun the suite "
+                         "once per level in a subprocess with ATEN_CPU_CAPABILITY set; levels this CPU "
+                         "cannot run are skipped with a warning")
+    group.addoption("--fastvae-threads", default=None, metavar="N[,M...]",
+                    help="torch thread counts for the CPU runs (e.g. 1,2); several counts (or any "
+                         "--fastvae-cpu-levels) rerun the suite in one subprocess per combination")
+
+
+# set in the subprocesses that --fastvae-cpu-levels / --fastvae-threads start
+CHILD_ENV = "FASTVAE_BENCH_CHILD"
+THREADS_ENV = "FASTVAE_BENCH_THREADS"
+DRIVER_OPTIONS = ("--fastvae-cpu-levels", "--fastvae-threads")
+
+
+def _split(value):
+    return [v.strip() for v in value.split(",") if v.strip()] if value else []
+
+
+def cpu_capability() -> str:
+    """ATen's CPU dispatch level in this process (e.g. "AVX2", "AVX512")."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # older torch
+        return "unknown"
+
+
+def level_runs(level: str) -> bool:
+    """Whether ATen can run at ``level`` on this CPU: forcing a level the CPU lacks kills the
+    process with SIGILL, so try it in a throwaway one."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=level)
+    code = "import torch; x = torch.rand(4096); (x.exp() + x.log1p() + x.sigmoid()).sum().item()"
+    try:
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              timeout=300).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _child_args(args):
+    """The command-line arguments without the driver options."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a in DRIVER_OPTIONS:
+            skip = True
+            continue
+        if any(a.startswith(o + "=") for o in DRIVER_OPTIONS):
+            continue
+        out.append(a)
+    return out
+
+
+def pytest_cmdline_main(config):
+    """--fastvae-cpu-levels / several --fastvae-threads: run the suite once per (level, threads)
+    in a subprocess, one after the other (each writes its own results file with --fastvae-save)."""
+    if os.environ.get(CHILD_ENV):
+        return None
+    levels = _split(config.getoption("fastvae_cpu_levels"))
+    threads = _split(config.getoption("fastvae_threads"))
+    if not levels and len(threads) <= 1:
+        return None
+    args = _child_args(list(config.invocation_params.args))
+    rc = 0
+    for level in levels or [None]:
+        if level is not None and not level_runs(level):
+            print(f"fastvae: ATEN_CPU_CAPABILITY={level} does not run on this CPU "
+                  "(its instructions are missing); skipped", flush=True)
+            continue
+        for n in threads or [None]:
+            env = dict(os.environ, **{CHILD_ENV: "1"})
+            if level is not None:
+                env["ATEN_CPU_CAPABILITY"] = level
+            if n is not None:
+                env[THREADS_ENV] = str(int(n))
+            print(f"fastvae: running the suite with ATEN_CPU_CAPABILITY={level or '(default)'}, "
+                  f"{n or 'default'} torch threads", flush=True)
+            r = subprocess.run([sys.executable, "-m", "pytest", *args], env=env,
+                               cwd=config.invocation_params.dir).returncode
+            rc = rc or r
+    return rc
+
+
+def pytest_configure(config):
+    threads = os.environ.get(THREADS_ENV) or (_split(config.getoption("fastvae_threads", None)) or [None])[0]
+    if threads:
+        torch.set_num_threads(int(threads))
 
 
 def _resolve_device(config) -> torch.device:
@@ -115,6 +213,16 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _flush_l2(self):
+        """On CUDA, evict the L2 cache before every timed call (by writing a buffer of twice its
+        size), so that small batches are not timed from cache."""
+        if self.device.type != "cuda":
+            return
+        if getattr(self, "_l2_buffer", None) is None:
+            l2 = getattr(torch.cuda.get_device_properties(self.device), "L2_cache_size", 0) or 64 << 20
+            self._l2_buffer = torch.empty(2 * l2, dtype=torch.uint8, device=self.device)
+        self._l2_buffer.zero_()
+
     def __call__(self, fn, *, group: str, provider: str, setup=None, bytes_moved=None,
                  rounds=None, warmup: int = 1, **extra):
         if self._used:
@@ -126,6 +234,9 @@ class Bench:
         info.update(provider=provider, device=self.device_name, device_type=self.device.type)
         if self.device.type == "cpu":
             info["threads"] = torch.get_num_threads()
+            info["cpu_capability"] = cpu_capability()
+        else:
+            info["l2_flushed"] = True
         info.update(extra)
         if bytes_moved is not None:
             info["bytes"] = int(bytes_moved)
@@ -136,9 +247,8 @@ class Bench:
             return out
 
         def make_args():
-            if setup is None:
-                return ()
-            args = setup()
+            args = setup() if setup is not None else None
+            self._flush_l2()
             self._sync()  # the setup's own kernels must not spill into the timed region
             return tuple(args) if args is not None else ()
 
@@ -215,7 +325,7 @@ def pytest_report_header(config):
     device = suite_device(config)
     line = f"fastvae benchmarks on {device.type}: {name_of(device)}"
     if device.type == "cpu":
-        line += f", {torch.get_num_threads()} torch threads"
+        line += f", ATen CPU capability {cpu_capability()}, {torch.get_num_threads()} torch threads"
     return line
 
 

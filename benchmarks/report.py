@@ -5,8 +5,9 @@
     python benchmarks/report.py run.json [--merge]              # the same from a saved run
     python benchmarks/report.py                                 # re-render from results/*.json
 
-For a run it writes ``benchmarks/results/<device>.json`` (the device name slugged; pytest-benchmark's
-JSON without the raw timings), then re-renders the results table of every
+For a run it writes ``benchmarks/results/<device>.json`` (the device name slugged, and on CPU
+``-<capability>-t<threads>`` appended: ``amd-epyc-avx2-t2.json``; pytest-benchmark's JSON without
+the raw timings), then re-renders the results table of every
 ``benchmarks/results/*.json`` into ``benchmarks/README.md`` between the markers, and for each
 device a plot ``benchmarks/results/<device>-speedup.png`` of speed-up over eager against batch
 size. ``--merge`` keeps the entries of an existing results file that the new run does not have
@@ -55,6 +56,10 @@ def _torch_info() -> dict:
     except ImportError:
         return {}
     info = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    try:
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:
+        pass
     if torch.version.cuda:
         info["cuda"] = torch.version.cuda
     try:
@@ -65,13 +70,31 @@ def _torch_info() -> dict:
     return info
 
 
-def trim(run: dict, device: str) -> dict:
-    """pytest-benchmark's JSON for one device, without raw timings, as a results file."""
+def result_name(info: dict) -> str | None:
+    """The results file a benchmark goes to: its device, and on CPU ATen's dispatch level and
+    the thread count (``"AMD EPYC-avx2-t2"``), which change CPU timings a lot."""
+    device = info.get("device")
+    if device is None:
+        return None
+    if info.get("device_type") == "cpu":
+        cap = info.get("cpu_capability")
+        if cap:
+            device += f"-{cap.lower()}"
+        if info.get("threads"):
+            device += f"-t{info['threads']}"
+    return device
+
+
+def trim(run: dict, name: str) -> dict:
+    """pytest-benchmark's JSON for one results file (see :func:`result_name`), without raw
+    timings."""
     benchmarks = []
+    device = name
     for bm in run.get("benchmarks", []):
         info = bm.get("extra_info") or {}
-        if info.get("device", device) != device:
+        if result_name(info) not in (None, name):
             continue
+        device = info.get("device", device)
         stats = {k: bm["stats"][k] for k in STAT_KEYS if k in bm.get("stats", {})}
         benchmarks.append({"group": bm.get("group"), "name": bm.get("name"),
                            "fullname": bm.get("fullname"),
@@ -81,17 +104,21 @@ def trim(run: dict, device: str) -> dict:
     machine = run.get("machine_info") or {}
     cpu = machine.get("cpu") or {}
     kinds = {bm["extra_info"].get("device_type") for bm in benchmarks} - {None}
+    caps = {bm["extra_info"].get("cpu_capability") for bm in benchmarks} - {None}
+    threads = {bm["extra_info"].get("threads") for bm in benchmarks} - {None}
     return {
         "device": device,
         "device_type": kinds.pop() if len(kinds) == 1 else None,
+        "cpu_capability": caps.pop() if len(caps) == 1 else None,
+        "threads": threads.pop() if len(threads) == 1 else None,
         "datetime": run.get("datetime") or _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "machine_info": {
             "node": machine.get("node"), "machine": machine.get("machine"),
             "system": machine.get("system"), "release": machine.get("release"),
             "python_version": machine.get("python_version"),
             "cpu": cpu.get("brand_raw"), "cpu_count": cpu.get("count"),
-            **{k: v for k, v in machine.items() if k in ("torch", "threads", "cuda", "triton",
-                                                            "other_cpu_load_at_start")},
+            **{k: v for k, v in machine.items() if k in ("torch", "threads", "cpu_capability", "cuda",
+                                                            "triton", "other_cpu_load_at_start")},
         },
         "commit_info": {k: (run.get("commit_info") or {}).get(k)
                         for k in ("id", "time", "branch", "dirty")},
@@ -100,7 +127,8 @@ def trim(run: dict, device: str) -> dict:
 
 
 def devices_in(run: dict) -> list[str]:
-    names = Counter((bm.get("extra_info") or {}).get("device") for bm in run.get("benchmarks", []))
+    """The results files (:func:`result_name`) a run's benchmarks go to."""
+    names = Counter(result_name(bm.get("extra_info") or {}) for bm in run.get("benchmarks", []))
     names.pop(None, None)
     return [name for name, _ in names.most_common()]
 
@@ -238,14 +266,24 @@ def render_section(results: dict) -> str:
     m = results.get("machine_info", {})
     c = results.get("commit_info", {})
     bits = [f"{results.get('device_type') or 'device'}"]
-    if m.get("threads") and results.get("device_type") == "cpu":
-        bits.append(f"{m['threads']} torch threads")
+    if results.get("device_type") == "cpu":
+        if m.get("cpu"):
+            bits.append(f"CPU {m['cpu']}")
+        cap = results.get("cpu_capability") or m.get("cpu_capability")
+        bits.append(f"ATen CPU capability {cap or 'not recorded'}")
+        threads = results.get("threads") or m.get("threads")
+        if threads:
+            bits.append(f"{threads} torch threads")
     if m.get("torch"):
         bits.append(f"torch {m['torch']}")
     if m.get("cuda"):
         bits.append(f"CUDA {m['cuda']}")
     if m.get("triton") and results.get("device_type") == "cuda":
         bits.append(f"triton {m['triton']}")
+    if results.get("device_type") == "cuda":
+        bits.append("L2 flushed before every call" if any(
+            bm["extra_info"].get("l2_flushed") for bm in results.get("benchmarks", []))
+            else "L2 not flushed: B <= 4096 is timed from L2")
     when = (results.get("datetime") or "")[:10]
     if when:
         bits.append(when)
@@ -260,8 +298,13 @@ def render_section(results: dict) -> str:
     if compile_s:
         bits.append(f"`compile` first calls (compilation) {sum(compile_s):.1f} s in all")
     slug_ = results.get("_slug") or slug(results.get("device", "device"))
+    title = results.get("device", "unknown device")
+    if results.get("device_type") == "cpu":
+        cap = results.get("cpu_capability") or m.get("cpu_capability")
+        threads = results.get("threads") or m.get("threads")
+        title += "".join([f", {cap}" if cap else "", f", {threads} threads" if threads else ""])
     return "\n".join([
-        f"### {results.get('device', 'unknown device')}",
+        f"### {title}",
         "",
         f"{', '.join(bits)}. Median time per call; in brackets the speed-up over `eager` "
         f"(higher is better). Raw data: [`results/{slug_}.json`](results/{slug_}.json).",
@@ -335,8 +378,11 @@ def plot(results: dict, path: Path) -> Path | None:
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(bases):]:
         ax.set_visible(False)
-    fig.suptitle(f"fastvae: speed-up over eager PyTorch, {results.get('device', '')} "
-                 f"({results.get('device_type') or ''})")
+    where = results.get("device", "")
+    if results.get("device_type") == "cpu":
+        where += "".join([f", {results['cpu_capability']}" if results.get("cpu_capability") else "",
+                          f", {results['threads']} threads" if results.get("threads") else ""])
+    fig.suptitle(f"fastvae: speed-up over eager PyTorch, {where} ({results.get('device_type') or ''})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -81,7 +81,8 @@ def reparam_bytes(mode: str, batch: int, dtype: torch.dtype) -> int:
     fwd = 3 * n * s  # read mu, logvar; write z (the noise is drawn in registers)
     if mode == "fwd":
         return fwd
-    return fwd + 4 * n * s  # read d z, logvar; write d mu, d logvar
+    # backward: read d z and logvar, write d logvar; d mu is d z itself, nothing is written for it
+    return fwd + 3 * n * s
 
 
 # ---- inputs, cached across the providers of one case -----------------------------------------

@@ -1,0 +1,120 @@
+"""The CPU fallback against eager and torch.compile, interleaved in one process, per ATen dispatch
+level and thread count: the measurement behind the CPU goals (elbo-full, fp32, 784 features,
+latent 20, forward + backward).
+
+    python benchmarks/cpu_fallback.py                                  # avx2 and avx512, 1 and 2 threads
+    python benchmarks/cpu_fallback.py --levels avx2 --threads 1 --sizes 4096
+
+Each (level, threads) runs in its own subprocess with ``ATEN_CPU_CAPABILITY`` set (it must be set
+before torch is imported); levels the CPU lacks are skipped. Within a process the providers take
+turns call by call, so other load on the machine hits them alike. Reported per provider: the
+median and the minimum wall time, and the speed-ups of fastvae over eager and over compile.
+
+``floor`` is what no formulation built from ATen ops can go below: one ``exp``, one ``log`` and one
+``sigmoid`` pass over recon in the fallback's row chunks, with d recon written (no loss
+bookkeeping, no autograd).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+FEATURES, LATENT = 784, 20
+
+
+def _child(sizes, rounds_budget):
+    import torch
+
+    import fastvae
+    from fastvae import _fallback
+    from fastvae.baselines import eager_elbo, logits_elbo
+
+    compiled = torch.compile(logits_elbo, dynamic=False)
+
+    def fastvae_loss(r, x, m, v):
+        return fastvae.elbo_loss(r, x, m, v, backend="torch")
+
+    def floor(r):
+        B = r.shape[0]
+        step = max(1, _fallback._CHUNK_ELEMENTS // FEATURES)
+        a = torch.empty(min(step, B), FEATURES)
+        d = torch.empty(B, FEATURES)
+        for i in range(0, B, step):
+            s = r[i:i + step]
+            k = s.shape[0]
+            torch.exp(s, out=a[:k])
+            torch.log(a[:k], out=a[:k])
+            torch.sigmoid(s, out=d[i:i + step])
+        return d
+
+    providers = {"eager": eager_elbo, "compile": compiled, "fastvae": fastvae_loss, "floor": None}
+    cap = torch.backends.cpu.get_cpu_capability()
+    for B in sizes:
+        g = torch.Generator().manual_seed(1000 + B)
+        inputs = (2.0 * torch.randn(B, FEATURES, generator=g), torch.rand(B, FEATURES, generator=g),
+                  torch.randn(B, LATENT, generator=g), 0.5 * torch.randn(B, LATENT, generator=g))
+
+        def call(name):
+            if name == "floor":
+                return floor(inputs[0])
+            r, x, m, v = inputs
+            leaves = [t.detach().requires_grad_() for t in (r, m, v)]
+            loss = providers[name](leaves[0], x, leaves[1], leaves[2])
+            return torch.autograd.grad(loss, leaves)
+
+        first = {}
+        for name in providers:  # warm-up; compile compiles here
+            t0 = time.perf_counter()
+            call(name)
+            first[name] = time.perf_counter() - t0
+        one = sum(first[n] for n in providers if n != "compile")
+        rounds = max(5, min(200, int(rounds_budget / max(one, 1e-6))))
+        times = {name: [] for name in providers}
+        for _ in range(rounds):
+            for name in providers:
+                t0 = time.perf_counter()
+                call(name)
+                times[name].append(time.perf_counter() - t0)
+        med = {n: statistics.median(t) for n, t in times.items()}
+        mn = {n: min(t) for n, t in times.items()}
+        cells = " ".join(f"{n}={med[n] * 1e3:.3f}/{mn[n] * 1e3:.3f}ms" for n in providers)
+        print(f"{cap} threads={torch.get_num_threads()} B={B} rounds={rounds} (median/min) {cells} | "
+              f"fastvae vs eager {med['eager'] / med['fastvae']:.2f}x (min {mn['eager'] / mn['fastvae']:.2f}x), "
+              f"vs compile {med['compile'] / med['fastvae']:.2f}x (min {mn['compile'] / mn['fastvae']:.2f}x); "
+              f"floor vs eager {med['eager'] / med['floor']:.2f}x, vs compile {med['compile'] / med['floor']:.2f}x; "
+              f"fastvae first call {first['fastvae'] * 1e3:.1f} ms", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--levels", default="avx2,avx512", help="ATen CPU dispatch levels (comma-separated)")
+    p.add_argument("--threads", default="1,2", help="torch thread counts (comma-separated)")
+    p.add_argument("--sizes", default="128,4096,65536", help="batch sizes (comma-separated)")
+    p.add_argument("--budget", type=float, default=10.0, help="seconds of timed calls per size (about)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.child:
+        import torch
+        torch.set_num_threads(int(os.environ["FASTVAE_THREADS"]))
+        _child(sizes, args.budget)
+        return 0
+    rc = 0
+    for level in args.levels.split(","):
+        for n in args.threads.split(","):
+            env = dict(os.environ, ATEN_CPU_CAPABILITY=level, FASTVAE_THREADS=n)
+            r = subprocess.run([sys.executable, __file__, "--child", "--sizes", args.sizes,
+                                "--budget", str(args.budget)], env=env).returncode
+            if r == -4 or r == 132:  # SIGILL: the CPU lacks this level's instructions
+                print(f"{level} threads={n}: this CPU cannot run ATEN_CPU_CAPABILITY={level}; skipped")
+            elif r:
+                rc = r
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
