@@ -87,20 +87,28 @@ def _bernoulli_logits(s: Tensor, t: Tensor, ws: list[Tensor], d_recon: Tensor | 
     """Per-row sum of ``softplus(s) - s*t`` (BCE on logits) for a [r, D] chunk.
 
     ``ws``: two scratch tensors of at least s's shape. Writes ``scale * (sigmoid(s) - t)`` into
-    ``d_recon`` and ``-scale * s`` into ``d_x`` where they are given.
+    ``d_recon`` (accurate relative to itself at confident logits) and ``-scale * s`` into ``d_x``
+    where they are given.
     """
     a, b = (w[: s.shape[0]] for w in ws)
     e = torch.abs(s, out=a).neg_().exp_()          # e = exp(-|s|) in (0, 1]
     u = torch.add(e, 1.0, out=b)                   # u = fl(1 + e) in [1, 2]
+    if d_recon is not None:
+        torch.div(e, u, out=d_recon)               # q = sigmoid(-|s|), accurate also when tiny
     rows = _sum_log(u)                             # sum log(u)
     rows -= u.sub_(1.0).sub_(e).sum(1)             # - sum ((u - 1) - e): log1p(e) to 1e-7
-    r = torch.clamp(s, min=0.0, out=a).addcmul_(s, t, value=-1.0)  # relu(s) - s*t, exact at t=0/1
-    rows += r.sum(1)
+    h = torch.gt(s, 0.0, out=a)                    # h = [s > 0]
+    if d_recon is not None:
+        d_recon.addcmul_(d_recon, h, value=-2.0)   # q (1 - 2h)
+    ht = h.sub_(t)                                 # h - t: exact at t = 0 or 1
+    rows += torch.mul(s, ht, out=b).sum(1)         # relu(s) - s*t = s (h - t), exact at t = 0/1
     rows = rows.to(s.dtype)
     if d_recon is not None:
-        d = torch.sigmoid(s, out=d_recon).sub_(t)
+        # sigmoid(s) - t = (h - t) + q (1 - 2h): -sigmoid(-s) + (1 - t) for s > 0, so no
+        # cancellation where the model is confident and right (sigmoid(s) would round to 1)
+        d_recon.add_(ht)
         if scale != 1.0:
-            d.mul_(scale)
+            d_recon.mul_(scale)
     if d_x is not None:
         torch.mul(s, -scale, out=d_x)
     return rows
@@ -183,7 +191,11 @@ def _recompute_grads(recon, x, mu, logvar, beta, from_logits, reduction, want, g
     grads = [None] * 4
     if want[0]:
         if from_logits:
-            grads[0] = (torch.sigmoid(s) - t) * scale
+            # sigmoid(s) - t as (h - t) + q (1 - 2h), the arithmetic of _bernoulli_logits
+            e = torch.exp(-torch.abs(s))
+            q = e / (1.0 + e)
+            h = (s > 0).to(dt)
+            grads[0] = (torch.addcmul(q, q, h, value=-2.0) + (h - t)) * scale
         else:
             grads[0] = (s - t) / (s * (1.0 - s)).clamp(min=1e-12) * scale
     if want[1]:
