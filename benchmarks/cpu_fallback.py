@@ -40,7 +40,7 @@ def _child(sizes, rounds_budget):
 
     def floor(r):
         B = r.shape[0]
-        step = max(1, _fallback._CHUNK_ELEMENTS // FEATURES)
+        step = _fallback._chunk_rows(FEATURES)
         a = torch.empty(min(step, B), FEATURES)
         d = torch.empty(B, FEATURES)
         for i in range(0, B, step):

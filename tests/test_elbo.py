@@ -343,6 +343,7 @@ def test_autocast_safe(backend_device):
 def test_fallback_row_chunks(monkeypatch, reduction, from_logits, dtype):
     """The fallback walks large batches in row chunks; force several (and a ragged last one)."""
     monkeypatch.setattr(fastvae._fallback, "_CHUNK_ELEMENTS", 3 * 50)
+    monkeypatch.setattr(fastvae._fallback, "_threads", lambda: 1)
     inputs = make_inputs((11, 50), (11, 50), 5, from_logits=from_logits, device="cpu", dtype=dtype,
                          seed=11, logit_scale=2.0)
     assert len(fastvae._fallback._row_chunks(11, 50)) == 4

@@ -173,7 +173,7 @@ def test_create_graph_gives_second_derivatives():
 @pytest.mark.parametrize("from_logits", [True, False])
 def test_loss_bitwise_reproducible(from_logits):
     """Same inputs, same loss to the bit, also when the batch is walked in several chunks."""
-    B = 3 * (_fallback._CHUNK_ELEMENTS // D) + 7
+    B = 3 * _fallback._chunk_rows(D) + 7
     assert len(_fallback._row_chunks(B, D)) == 4
     recon, x, mu, logvar = _case(B, seed=7)
     if not from_logits:
