@@ -66,8 +66,10 @@ def _chunk_rows(width: int) -> int:
 def _row_chunks(batch: int, width: int):
     """Row slices covering [0, batch), or ``[None]`` (all rows at once) for a small batch or when
     traced by torch.compile, which fuses the passes anyway."""
+    if torch.compiler.is_compiling():
+        return [None]
     step = _chunk_rows(width)
-    if batch <= step or torch.compiler.is_compiling():
+    if batch <= step:
         return [None]
     return [slice(i, min(i + step, batch)) for i in range(0, batch, step)]
 

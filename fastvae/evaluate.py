@@ -57,7 +57,7 @@ def iw_log_likelihood(model: VAE, x: Tensor, iw_samples: int, generator: Optiona
     from tqdm.auto import tqdm
 
     bar = tqdm(total=xs.shape[0], desc=f"IWAE bound, K={iw_samples}", unit="image", disable=not progress,
-               leave=False, dynamic_ncols=True, file=sys.stderr)
+               leave=True, dynamic_ncols=True, file=sys.stderr)
     for start in range(0, xs.shape[0], b_chunk):
         xb = xs[start:start + b_chunk]                              # [b, d]
         mu, logvar = model.encode(xb)                               # [b, L]
