@@ -219,6 +219,17 @@ def _sum_kernel(in_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
 # ---- backward: multiply the gradients written by the forward by grad_output ------------------------
 
 @triton.jit
+def _grad_output(g_ptr, stride_g, offs, m, width, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
+    # grad_output for the flat indices `offs` of a contiguous [B, width] buffer: one scalar, or the
+    # value of each element's row (PER_ROW). Returns values only.
+    if PER_ROW:
+        g = tl.load(g_ptr + (offs // width) * stride_g, mask=m, other=1.0).to(tl.float32)
+    else:
+        g = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(g_ptr).to(tl.float32)
+    return g
+
+
+@triton.jit
 def _must_scale(g):
     # a slice whose g values are all exactly 1 is left untouched (NaN != 1: it is scaled)
     return tl.sum((g != 1.0).to(tl.int32), axis=0) != 0
@@ -234,16 +245,14 @@ def _scale_grads_kernel(
     # buffer *= g, in place, for the forward's contiguous gradients: a, b are [B, N] (d recon, d x),
     # c, d are [B, L] (d mu, d logvar); grad_output g is one scalar (stride_g = 0) or one value
     # per row (PER_ROW). A program whose g values are all 1 returns before touching its slice, so
-    # grad_output = 1 moves no bytes.
+    # grad_output = 1 moves no bytes. (The two pairs have their own dtypes, so each keeps its
+    # own branch.)
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK).to(tl.int64)
     if pid < ab_programs:
         offs = pid.to(tl.int64) * BLOCK + lanes
         m = offs < n_ab
-        if PER_ROW:
-            g = tl.load(g_ptr + (offs // N) * stride_g, mask=m, other=1.0).to(tl.float32)
-        else:
-            g = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(g_ptr).to(tl.float32)
+        g = _grad_output(g_ptr, stride_g, offs, m, N, PER_ROW, BLOCK)
         if _must_scale(g):
             va = tl.load(a_ptr + offs, mask=m, other=0).to(tl.float32)
             tl.store(a_ptr + offs, (va * g).to(a_ptr.dtype.element_ty), mask=m)
@@ -253,10 +262,7 @@ def _scale_grads_kernel(
     else:
         offs = (pid - ab_programs).to(tl.int64) * BLOCK + lanes
         m = offs < n_cd
-        if PER_ROW:
-            g = tl.load(g_ptr + (offs // L) * stride_g, mask=m, other=1.0).to(tl.float32)
-        else:
-            g = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(g_ptr).to(tl.float32)
+        g = _grad_output(g_ptr, stride_g, offs, m, L, PER_ROW, BLOCK)
         if _must_scale(g):
             vc = tl.load(c_ptr + offs, mask=m, other=0).to(tl.float32)
             tl.store(c_ptr + offs, (vc * g).to(c_ptr.dtype.element_ty), mask=m)
