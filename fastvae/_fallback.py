@@ -149,6 +149,12 @@ def _kl_rows(mu: Tensor, logvar: Tensor, ev: Tensor, weight: float) -> Tensor:
     return torch.addcmul(ev, mu, mu).sub_(1.0).sub_(logvar).sum(1).mul_(0.5 * weight)
 
 
+def _kl_grads(mu: Tensor, ev: Tensor, weight) -> tuple[Tensor, Tensor]:
+    """(d / d mu, d / d logvar) of ``weight * KL``: ``weight * mu`` and ``weight * (ev - 1) / 2``,
+    with ``ev = exp(logvar)``; ``weight`` a float or a tensor broadcasting against mu."""
+    return mu * weight, (ev - 1.0) * (0.5 * weight)
+
+
 def _reduce(rows: Tensor, reduction: str) -> Tensor:
     if reduction == "sum":
         return rows.sum()
@@ -189,10 +195,10 @@ def _forward(recon, x, mu, logvar, beta, from_logits, reduction, want):
             rows = rows + bce
         else:
             rows[c] += bce
-    gb = beta * scale
-    d_mu = m * gb if want[2] else None
-    d_logvar = (ev - 1.0).mul_(0.5 * gb) if want[3] else None
-    return rows, [d_recon, d_x, d_mu, d_logvar]
+    d_mu = d_logvar = None
+    if want[2] or want[3]:
+        d_mu, d_logvar = _kl_grads(m, ev, beta * scale)
+    return rows, [d_recon, d_x, d_mu if want[2] else None, d_logvar if want[3] else None]
 
 
 def _recompute_grads(recon, x, mu, logvar, beta, from_logits, reduction, want, g_rows):
@@ -217,10 +223,10 @@ def _recompute_grads(recon, x, mu, logvar, beta, from_logits, reduction, want, g
             grads[1] = -s * scale
         else:
             grads[1] = (torch.log1p(-s).clamp(min=-100.0) - torch.log(s).clamp(min=-100.0)) * scale
-    if want[2]:
-        grads[2] = mu.to(dt) * (beta * scale)
-    if want[3]:
-        grads[3] = (logvar.to(dt).exp() - 1.0) * (0.5 * beta * scale)
+    if want[2] or want[3]:
+        d_mu, d_logvar = _kl_grads(mu.to(dt), logvar.to(dt).exp(), beta * scale)
+        grads[2] = d_mu if want[2] else None
+        grads[3] = d_logvar if want[3] else None
     return grads
 
 
