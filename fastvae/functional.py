@@ -1,14 +1,27 @@
 """fastvae's functional API, shaped like ``torch.nn.functional``."""
 from __future__ import annotations
 
-from typing import Optional
+import math
+import warnings
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import _backend, _fallback
 
-REDUCTIONS = ("sum", "mean", "none")
+REDUCTIONS = ("sum", "batchmean", "none")
+LIKELIHOODS = ("bernoulli", "gaussian", "mse", "continuous_bernoulli")
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+class ELBOComponents(NamedTuple):
+    """``elbo_loss(..., return_components=True)``: the loss and its two terms, each reduced like the
+    loss and differentiable. ``loss = reconstruction + beta * kl`` (with ``free_bits`` the loss
+    uses the floored KL, while ``kl`` stays the true KL, the figure to log)."""
+    loss: Tensor
+    reconstruction: Tensor
+    kl: Tensor
 
 
 def _rows(t: Tensor, batch: int) -> Tensor:
@@ -26,15 +39,32 @@ def _check_float(name: str, t: Tensor) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
 
 
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
 def check_reduction(reduction: str) -> str:
-    """``reduction`` if it is one of REDUCTIONS, else a ValueError."""
+    """``reduction`` if it is one of REDUCTIONS, else a ValueError ("mean" says what to use)."""
+    if reduction == "mean":
+        raise ValueError(
+            "reduction='mean' is ambiguous for a VAE loss: use 'batchmean' for the mean over the batch "
+            "of the per-sample sums (the papers', pythae's and fastvae <= 0.1's 'mean'); for torch's "
+            "per-element mean of the reconstruction term (F.mse_loss's default) divide a "
+            "'batchmean' loss by the number of elements per sample (README, Porting your loss)")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return reduction
 
 
-def _check_elbo_inputs(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, reduction: str) -> None:
-    check_reduction(reduction)
+def check_likelihood(likelihood: str) -> str:
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    return likelihood
+
+
+def _check_elbo_inputs(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor) -> None:
     for name, t in (("recon", recon), ("x", x), ("mu", mu), ("logvar", logvar)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -55,41 +85,128 @@ def _check_elbo_inputs(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, red
     devices = {t.device for t in (recon, x, mu, logvar)}
     if len(devices) > 1:
         raise ValueError(f"recon, x, mu and logvar must be on one device; got {sorted(map(str, devices))}")
+    if x.requires_grad and not recon.requires_grad:
+        # costs no sync: the classic slip of calling loss(x, recon, ...) trains the wrong objective
+        warnings.warn("elbo_loss: x requires grad but recon does not. The arguments are "
+                      "(recon, x, mu, logvar): were recon and x swapped?", stacklevel=3)
+
+
+def _sigma_args(likelihood: str, sigma, recon: Tensor) -> tuple[Optional[Tensor], float, float]:
+    """(sigma as a [B, N] view or None, inv_sigma, log_norm) for the kernels: the Gaussian's
+    1 / sigma and log sigma + log(2 pi) / 2 when sigma is a number."""
+    if likelihood == "mse":
+        if sigma is not None:
+            raise ValueError("sigma does not apply to likelihood='mse' (the squared error, a Gaussian "
+                             "with sigma^2 = 1/2 without its constant); use likelihood='gaussian'")
+        return None, math.sqrt(2.0), 0.0
+    if likelihood != "gaussian":
+        if sigma is not None:
+            raise ValueError(f"sigma applies to likelihood='gaussian' only, not {likelihood!r}")
+        return None, 1.0, 0.0
+    if sigma is None:
+        sigma = 1.0
+    if isinstance(sigma, Tensor):
+        _check_float("sigma", sigma)
+        if sigma.device != recon.device:
+            raise ValueError(f"sigma must be on recon's device {recon.device}, got {sigma.device}")
+        try:
+            ok = torch.broadcast_shapes(sigma.shape, recon.shape) == recon.shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"sigma {tuple(sigma.shape)} must broadcast to recon {tuple(recon.shape)}: "
+                             "a scalar, per pixel (recon.shape[1:]), or per sample ([B, 1, ...])")
+        return _rows(sigma.expand(recon.shape), recon.shape[0]), 1.0, 0.0
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (0 < sigma < math.inf):
+        raise ValueError(f"sigma must be a positive finite number or a tensor, got {sigma!r}")
+    return None, 1.0 / sigma, math.log(sigma) + _LOG_SQRT_2PI
+
+
+def _beta_args(beta) -> tuple[float, Optional[Tensor]]:
+    """(the kernels' float beta, the tensor beta applied outside them, or None)."""
+    if isinstance(beta, Tensor):
+        if beta.dim() != 0 or not beta.is_floating_point():
+            raise ValueError(f"beta must be a number or a 0-dim floating-point tensor, got "
+                             f"{beta.dtype} of shape {tuple(beta.shape)}")
+        return 0.0, beta
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
+        raise ValueError(f"beta must be a finite number >= 0 or a 0-dim tensor, got {beta!r}")
+    return float(beta), None
 
 
 def elbo_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, reduction: str = "sum",
-              beta: float = 1.0, from_logits: bool = True, backend: str = "auto") -> Tensor:
-    """The negative ELBO of a Bernoulli-decoder, Gaussian-encoder VAE.
+              beta: Union[float, Tensor] = 1.0, likelihood: str = "bernoulli",
+              sigma: Union[float, Tensor, None] = None, free_bits: float = 0.0,
+              from_logits: bool = True, return_components: bool = False,
+              backend: str = "auto") -> Union[Tensor, ELBOComponents]:
+    """The negative ELBO of a VAE with a Gaussian encoder: reconstruction NLL + beta * KL.
 
-    Per sample i: ``BCE_i + beta * KL_i`` with ``BCE_i`` the binary cross-entropy summed over all
-    non-batch dimensions and ``KL_i = 0.5 * sum(mu^2 + exp(logvar) - 1 - logvar)``.
+    Per sample i: ``loss_i = sum_j nll(recon_ij, x_ij) + beta * KL_i`` with the NLL summed over all
+    non-batch dimensions and ``KL_i = 0.5 * sum_k (mu_ik^2 + exp(logvar_ik) - 1 - logvar_ik)``.
 
     Args:
-        recon: [B, ...] decoder logits (``from_logits=True``) or probabilities.
+        recon: [B, ...] decoder outputs: logits (Bernoulli with ``from_logits=True``, continuous
+            Bernoulli), probabilities (Bernoulli with ``from_logits=False``) or means (Gaussian, mse).
         x: targets with recon's batch size and number of elements (e.g. [B, 1, 28, 28] for a
-            [B, 784] recon): floats in [0, 1], or uint8 pixel intensities read as x/255.
+            [B, 784] recon): floats, or uint8 pixel intensities read as x/255.
         mu, logvar: [B, L] encoder outputs.
-        reduction: "sum" over the batch (the paper's convention), "mean", or "none" ([B]).
-        beta: weight of the KL term.
-        from_logits: recon holds logits (stable, no sigmoid materialised); with False it holds
-            probabilities with the semantics of ``F.binary_cross_entropy`` (logs clamped at -100).
-        backend: "auto", "triton" or "torch"; see ``fastvae`` docs.
+        reduction: "sum" over the batch (the paper's and PyTorch's VAE example's convention),
+            "batchmean" (the mean over the batch of the per-sample sums), or "none" ([B]).
+            "mean" is refused as ambiguous (the error says what to use).
+        beta: weight of the KL term: a number, or a 0-dim tensor (annealing schedules; it gets its
+            gradient if it requires one).
+        likelihood: "bernoulli" (BCE, the default), "gaussian" (``-Normal(recon, sigma).log_prob(x)``,
+            constant included), "mse" (squared error ``(recon - x)^2``: a Gaussian with
+            sigma^2 = 1/2 without its constant, pythae's and AntixK's "mse"), or
+            "continuous_bernoulli" (recon are logits; Loaiza-Ganem & Cunningham, 2019).
+        sigma: the Gaussian's standard deviation: a number (default 1), or a tensor broadcastable
+            to recon (per pixel, per sample [B, 1], learned as in sigma-VAE; it gets its gradient).
+        free_bits: lambda >= 0 (Kingma et al., 2016): in the loss, the KL of each latent dimension
+            averaged over the batch is floored at lambda nats (a dimension below it contributes
+            lambda per sample and no gradient).
+        from_logits: Bernoulli only: recon holds logits (stable, no sigmoid materialised), or
+            probabilities with the semantics of ``F.binary_cross_entropy`` (logs clamped at -100;
+            a probability outside [0, 1] or NaN gives a NaN loss).
+        return_components: return ``ELBOComponents(loss, reconstruction, kl)``, computed in the
+            same pass.
+        backend: "auto", "triton" or "torch"; see the README.
 
     Returns:
-        float32 loss (float64 for float64 inputs); gradients flow to recon, mu, logvar and, if it
-        requires grad, x, each in its input's dtype.
+        The loss (float32; float64 for float64 inputs) or ELBOComponents. Gradients flow to recon,
+        mu, logvar and, where they require grad, x, sigma and beta.
     """
-    _check_elbo_inputs(recon, x, mu, logvar, reduction)
+    if torch._C._functorch.maybe_current_level() is not None:
+        raise RuntimeError("fastvae.elbo_loss does not support torch.func transforms (grad, vmap, "
+                           "jacrev, ...): call it outside them, e.g. with torch.autograd.grad")
+    check_reduction(reduction)
+    check_likelihood(likelihood)
+    _check_bool("from_logits", from_logits)
+    _check_bool("return_components", return_components)
+    if likelihood != "bernoulli" and not from_logits:
+        raise ValueError(f"from_logits=False applies to likelihood='bernoulli' only, not {likelihood!r}")
+    if isinstance(free_bits, bool) or not isinstance(free_bits, (int, float)) or not (0 <= free_bits < math.inf):
+        raise ValueError(f"free_bits must be a finite number >= 0 (nats per latent dimension), got {free_bits!r}")
+    _check_elbo_inputs(recon, x, mu, logvar)
+    sig, inv_sigma, log_norm = _sigma_args(likelihood, sigma, recon)
+    kbeta, beta_t = _beta_args(beta)
+    if beta_t is not None and beta_t.device != recon.device and beta_t.device.type != "cpu":
+        raise ValueError(f"beta must be on recon's device {recon.device} (or a CPU scalar), got {beta_t.device}")
+    lik = "gaussian" if likelihood == "mse" else likelihood
     batch = recon.shape[0]
     r2, x2 = _rows(recon, batch), _rows(x, batch)
-    if _backend.resolve(backend, recon, x, mu, logvar) == "triton":
+    args = (sig, inv_sigma, log_norm, kbeta, float(free_bits), lik, from_logits, reduction)
+    if _backend.resolve(backend, *(t for t in (recon, x, mu, logvar, sig) if t is not None)) == "triton":
         # single pass: the gradients are written with the loss whenever autograd will ask for them
-        x_grad = x.requires_grad
-        grad = torch.is_grad_enabled() and (x_grad or recon.requires_grad or mu.requires_grad
-                                            or logvar.requires_grad)
-        return torch.ops.fastvae.elbo(r2, x2, mu, logvar, float(beta), bool(from_logits), reduction,
-                                      grad, grad and x_grad)[0]
-    return _fallback.elbo(r2, x2, mu, logvar, float(beta), bool(from_logits), reduction)
+        grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (recon, x, mu, logvar, sig))
+        out = torch.ops.fastvae.elbo(r2, x2, mu, logvar, *args, grad, grad and x.requires_grad,
+                                     grad and sig is not None and sig.requires_grad)[0]
+    else:
+        out = _fallback.elbo(r2, x2, mu, logvar, *args)
+    loss = out[0] if beta_t is None else out[1] + beta_t.to(device=out.device, dtype=out.dtype) * out[3]
+    if return_components:
+        return ELBOComponents(loss, out[1], out[2])
+    return loss
 
 
 def _draw_seed(device: torch.device, generator: Optional[torch.Generator]) -> Tensor:
