@@ -25,13 +25,17 @@ torch ops only (no compile step, no C++ toolchain):
 * **Deterministic.** Fixed row chunks and fixed-order reductions: the same inputs give a bitwise
   identical loss.
 
-Each likelihood's math sits in one small function (``_bernoulli_logits``, ``_bernoulli_probs``) that
-returns a chunk's per-row loss and writes its gradient.
+Each likelihood's math sits in one small function (``_bernoulli_logits``, ``_bernoulli_probs``,
+``_gaussian``, ``_continuous_bernoulli``) that returns a chunk's per-row NLL and writes its
+gradients, with an out-of-place twin of its derivatives for the recompute path. The op returns
+``[loss, reconstruction, kl, kl_eff]`` (see :func:`elbo`), whose backward forms every gradient from
+the one precomputed per-element derivative and the grad_output of each term.
 """
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -94,59 +98,207 @@ def _sum_log(u: Tensor) -> Tensor:
     return out
 
 
-# ---- likelihoods: per-row loss of a chunk, and its gradient ------------------------------------
+# ---- likelihoods -------------------------------------------------------------------------------
+#
+# Each likelihood has one fast function for the forward, which returns a [r, D] chunk's per-row
+# NLL (float64) and writes its gradients (d/ds, d/dt, d/dsigma, times ``scale``) into the buffers it
+# is given, reusing the scratch tensors ``ws``; and one out-of-place, differentiable function of the
+# same derivatives for the recompute path (a second backward of the graph, create_graph=True,
+# torch.compile tracing). Arguments: ``s`` decoder outputs and ``t`` targets (compute dtype),
+# ``sig`` the Gaussian's per-element sigma chunk or None, and the floats ``inv_sigma``/``log_norm``
+# used when it is None (see kernels/likelihoods.py for the math, the same functions).
 
-def _bernoulli_logits(s: Tensor, t: Tensor, ws: list[Tensor], d_recon: Tensor | None,
-                      d_x: Tensor | None, scale: float) -> Tensor:
-    """Per-row sum of ``softplus(s) - s*t`` (BCE on logits) for a [r, D] chunk.
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+_LOG_2 = math.log(2.0)
 
-    ``ws``: two scratch tensors of at least s's shape. Writes ``scale * (sigmoid(s) - t)`` into
-    ``d_recon`` (accurate relative to itself at confident logits) and ``-scale * s`` into ``d_x``
-    where they are given.
-    """
-    a, b = (w[: s.shape[0]] for w in ws)
+# continuous Bernoulli, |s| < 1 (lam near 1/2), y = s/2: log C = log 2 + y^2 P(y^2) and
+# d log C / ds = s Q(s^2), the Taylor series of log(s / tanh(s/2)) and of 1/s - 1/sinh(s), highest
+# coefficient first (the kernel's); they converge like (|s| / pi)^2 per term: < 1e-8 relative
+_CB_LOG_C = (11499383114.0 / 350813659321125.0, -16931177.0 / 186080895000.0,
+             32764.0 / 127702575.0, -1414477.0 / 1915538625.0, 146.0 / 66825.0, -127.0 / 18900.0,
+             62.0 / 2835.0, -7.0 / 90.0, 1.0 / 3.0)
+_CB_DLOG_C = (-1414477.0 / 653837184000.0, 73.0 / 3421440.0, -127.0 / 604800.0, 31.0 / 15120.0,
+              -7.0 / 360.0, 1.0 / 6.0)
+_CB_SERIES_BELOW = 1.0
+
+
+def _horner(z: Tensor, coefficients) -> Tensor:
+    p = torch.full_like(z, coefficients[0])
+    for c in coefficients[1:]:
+        p = p * z + c
+    return p
+
+
+def _cb_log_norm(s: Tensor, grad: bool) -> tuple[Tensor, Tensor | None]:
+    """(log C(s), d log C / ds or None) of the continuous Bernoulli on logits s, out of place and
+    differentiable: ``log C = log|s| + log((1 + e) / (1 - e))`` with ``e = exp(-|s|)`` and
+    ``d/ds = sign(s) (1/|s| - 2e / (1 - e^2))`` for |s| >= 1 (no overflow at any |s|), the series
+    below (both forms cancel near s = 0, lam = 1/2)."""
+    a = torch.abs(s)
+    small = a < _CB_SERIES_BELOW
+    y2 = 0.25 * s * s
+    a_big = torch.where(small, 1.0, a)           # keeps the unused branch finite (and its gradient)
+    e = torch.exp(-a_big)
+    log_c = torch.where(small, _LOG_2 + _horner(y2, _CB_LOG_C) * y2,
+                        torch.log(a_big * (1.0 + e) / (1.0 - e)))
+    if not grad:
+        return log_c, None
+    s_small = torch.where(small, s, 0.0)
+    d_big = 1.0 / a_big - 2.0 * e / (1.0 - e * e)
+    d_log_c = torch.where(small, s_small * _horner(s_small * s_small, _CB_DLOG_C),
+                          torch.where(s < 0, -d_big, d_big))
+    return log_c, d_log_c
+
+
+def _bernoulli_logits(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale) -> Tensor:
+    """BCE on logits, ``softplus(s) - s*t``, per row. Writes ``scale * (sigmoid(s) - t)`` into d_s
+    (accurate relative to itself at confident logits) and ``-scale * s`` into d_t."""
+    a, b = (w[: s.shape[0]] for w in ws[:2])
     e = torch.abs(s, out=a).neg_().exp_()          # e = exp(-|s|) in (0, 1]
     u = torch.add(e, 1.0, out=b)                   # u = fl(1 + e) in [1, 2]
-    if d_recon is not None:
-        torch.div(e, u, out=d_recon)               # q = sigmoid(-|s|), accurate also when tiny
-    rows = _sum_log(u)                             # sum log(u)
+    if d_s is not None:
+        torch.div(e, u, out=d_s)                   # q = sigmoid(-|s|), accurate also when tiny
+    rows = _sum_log(u)                             # sum log(u), float64
     rows -= u.sub_(1.0).sub_(e).sum(1)             # - sum ((u - 1) - e): log1p(e) to 1e-7
     h = torch.gt(s, 0.0, out=a)                    # h = [s > 0]
-    if d_recon is not None:
-        d_recon.addcmul_(d_recon, h, value=-2.0)   # q (1 - 2h)
+    if d_s is not None:
+        d_s.addcmul_(d_s, h, value=-2.0)           # q (1 - 2h)
     ht = h.sub_(t)                                 # h - t: exact at t = 0 or 1
     rows += torch.mul(s, ht, out=b).sum(1)         # relu(s) - s*t = s (h - t), exact at t = 0/1
-    rows = rows.to(s.dtype)
-    if d_recon is not None:
+    if d_s is not None:
         # sigmoid(s) - t = (h - t) + q (1 - 2h): -sigmoid(-s) + (1 - t) for s > 0, so no
         # cancellation where the model is confident and right (sigmoid(s) would round to 1)
-        d_recon.add_(ht)
+        d_s.add_(ht)
         if scale != 1.0:
-            d_recon.mul_(scale)
-    if d_x is not None:
-        torch.mul(s, -scale, out=d_x)
+            d_s.mul_(scale)
+    if d_t is not None:
+        torch.mul(s, -scale, out=d_t)
     return rows
 
 
-def _bernoulli_probs(p: Tensor, t: Tensor, ws: list[Tensor], d_recon: Tensor | None,
-                     d_x: Tensor | None, scale: float) -> Tensor:
-    """Per-row sum of ``F.binary_cross_entropy(p, t)`` (logs clamped at -100) for a [r, D] chunk,
-    and its gradients as in :func:`_bernoulli_logits` (d p with PyTorch's 1e-12 guard)."""
-    rows = F.binary_cross_entropy(p, t, reduction="none").sum(1)
-    if d_recon is not None:
-        den = torch.mul(p, 1.0 - p, out=ws[0][: p.shape[0]]).clamp_(min=1e-12)  # p (1 - p)
-        d = torch.sub(p, t, out=d_recon).div_(den)
+def _bernoulli_logits_grads(s, t, sig, inv_sigma, log_norm, want, scale):
+    ds = None
+    if want[0]:  # the arithmetic of _bernoulli_logits: sigmoid(s) - t = (h - t) + q (1 - 2h)
+        e = torch.exp(-torch.abs(s))
+        q = e / (1.0 + e)
+        h = (s > 0).to(s.dtype)
+        ds = (torch.addcmul(q, q, h, value=-2.0) + (h - t)) * scale
+    return ds, (s * -scale if want[1] else None), None
+
+
+def _bernoulli_probs(p, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale) -> Tensor:
+    """``F.binary_cross_entropy(p, t)`` per row (logs clamped at -100), except that a probability
+    outside [0, 1] or NaN gives NaN (a log of a negative number) instead of an error, as on the
+    Triton path. d_s with PyTorch's guard: ``(p - t) / max(p (1 - p), 1e-12)``; d_t the difference
+    of the clamped logs."""
+    a, b = (w[: p.shape[0]] for w in ws[:2])
+    logp = torch.log(p, out=a).clamp_(min=-100.0)
+    log1mp = torch.neg(p, out=b).log1p_().clamp_(min=-100.0)
+    if d_t is not None:
+        torch.sub(log1mp, logp, out=d_t)
         if scale != 1.0:
-            d.mul_(scale)
-    if d_x is not None:  # d/dt = log(1 - p) - log(p), with the logs clamped at -100
-        d = torch.log1p(-p).clamp_(min=-100.0).sub_(torch.log(p).clamp_(min=-100.0))
-        torch.mul(d, scale, out=d_x)
+            d_t.mul_(scale)
+    # -(t log p + (1 - t) log(1 - p)), with (1 - t) log(1 - p) as log(1 - p) - t log(1 - p): exact
+    # at t = 0 and t = 1, as F.binary_cross_entropy's form
+    nll = log1mp.addcmul_(t, log1mp, value=-1.0).addcmul_(t, logp)
+    rows = nll.sum(1, dtype=torch.float64).neg_()
+    if d_s is not None:
+        den = torch.neg(p, out=d_s).add_(1.0).mul_(p).clamp_(min=1e-12)  # (1 - p) p
+        torch.sub(p, t, out=a).div_(den)
+        torch.mul(a, scale, out=d_s)
     return rows
 
 
-def _kl_rows(mu: Tensor, logvar: Tensor, ev: Tensor, weight: float) -> Tensor:
-    """Per-row ``weight * 0.5 * sum(mu^2 + exp(logvar) - 1 - logvar)``; ``ev`` is ``exp(logvar)``."""
-    return torch.addcmul(ev, mu, mu).sub_(1.0).sub_(logvar).sum(1).mul_(0.5 * weight)
+def _bernoulli_probs_grads(p, t, sig, inv_sigma, log_norm, want, scale):
+    ds = (p - t) / ((1.0 - p) * p).clamp(min=1e-12) * scale if want[0] else None
+    dt = (torch.log1p(-p).clamp(min=-100.0) - torch.log(p).clamp(min=-100.0)) * scale if want[1] else None
+    return ds, dt, None
+
+
+def _gaussian(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale) -> Tensor:
+    """``0.5 z^2 + log_norm`` with ``z = (s - t) / sigma`` per row: sigma the floats (inv_sigma,
+    log_norm), or the per-element ``sig`` (log_norm = log sig + log(2 pi)/2). Gradients
+    ``d_s = z / sigma = -d_t``, ``d_sig = (1 - z^2) / sigma``, times scale."""
+    a, b = (w[: s.shape[0]] for w in ws[:2])
+    D = s.shape[1]
+    if sig is None:
+        z = torch.sub(s, t, out=a).mul_(inv_sigma)
+        if d_s is not None:
+            torch.mul(z, inv_sigma * scale, out=d_s)
+        if d_t is not None:
+            torch.mul(z, -inv_sigma * scale, out=d_t)
+        rows = torch.mul(z, z, out=b).sum(1, dtype=torch.float64).mul_(0.5)
+        return rows.add_(D * log_norm) if log_norm != 0.0 else rows
+    inv = torch.reciprocal(sig, out=b)
+    z = torch.sub(s, t, out=a).mul_(inv)
+    if d_sig is not None:
+        torch.mul(z, z, out=d_sig).sub_(1.0).mul_(inv).mul_(-scale)
+    if d_s is not None:
+        torch.mul(z, inv, out=d_s).mul_(scale)
+    if d_t is not None:
+        torch.mul(z, inv, out=d_t).mul_(-scale)
+    rows = torch.mul(z, z, out=b).sum(1, dtype=torch.float64).mul_(0.5)
+    rows += torch.log(sig, out=a).sum(1, dtype=torch.float64)
+    return rows.add_(D * _LOG_SQRT_2PI)
+
+
+def _gaussian_grads(s, t, sig, inv_sigma, log_norm, want, scale):
+    # the arithmetic of _gaussian, out of place
+    if sig is None:
+        z = (s - t) * inv_sigma
+        return ((z * (inv_sigma * scale) if want[0] else None),
+                (z * (-inv_sigma * scale) if want[1] else None), None)
+    inv = torch.reciprocal(sig)
+    z = (s - t) * inv
+    return ((z * inv * scale if want[0] else None), (z * inv * -scale if want[1] else None),
+            ((z * z - 1.0) * inv * -scale if want[2] else None))
+
+
+def _continuous_bernoulli(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale) -> Tensor:
+    """The continuous Bernoulli on logits: ``bce(s, t) - log C(s)`` per row (see _cb_log_norm)."""
+    rows = _bernoulli_logits(s, t, None, 1.0, 0.0, ws, d_s, d_t, None, scale)
+    log_c, d_log_c = _cb_log_norm(s, d_s is not None)
+    if d_s is not None:
+        d_s.sub_(d_log_c.mul_(scale) if scale != 1.0 else d_log_c)
+    # the row sums stay in float64: near s = 0 both terms are about D log 2 and cancel
+    return rows.sub_(log_c.sum(1, dtype=torch.float64))
+
+
+def _continuous_bernoulli_grads(s, t, sig, inv_sigma, log_norm, want, scale):
+    ds, dt, _ = _bernoulli_logits_grads(s, t, None, 1.0, 0.0, want, scale)
+    if ds is not None:
+        d_log_c = _cb_log_norm(s, True)[1]
+        ds = ds - (d_log_c * scale if scale != 1.0 else d_log_c)
+    return ds, dt, None
+
+
+def _likelihood(likelihood: str, from_logits: bool):
+    """(fast function, recompute function) of a likelihood."""
+    if likelihood == "bernoulli":
+        if from_logits:
+            return _bernoulli_logits, _bernoulli_logits_grads
+        return _bernoulli_probs, _bernoulli_probs_grads
+    if likelihood == "gaussian":
+        return _gaussian, _gaussian_grads
+    if likelihood == "continuous_bernoulli":
+        return _continuous_bernoulli, _continuous_bernoulli_grads
+    raise ValueError(f"unknown likelihood {likelihood!r}")
+
+
+# ---- KL, free bits, reductions -----------------------------------------------------------------
+
+def _kl_terms(mu: Tensor, logvar: Tensor, free_bits: float):
+    """(kl rows, kl_eff rows, the [L] float mask of the dims above the free-bits floor or None,
+    exp(logvar)); kl_eff_i = sum_k (KL_ik if active_k else free_bits)."""
+    ev = logvar.exp()
+    kl_el = torch.addcmul(ev, mu, mu).sub_(1.0).sub_(logvar).mul_(0.5)
+    kl = kl_el.sum(1)
+    if free_bits <= 0.0:
+        return kl, kl, None, ev
+    with torch.no_grad():
+        active = kl_el.mean(0) > free_bits
+    kl_eff = torch.where(active, kl_el, free_bits).sum(1)
+    return kl, kl_eff, active.to(kl_el.dtype), ev
 
 
 def _kl_grads(mu: Tensor, ev: Tensor, weight) -> tuple[Tensor, Tensor]:
@@ -155,12 +307,21 @@ def _kl_grads(mu: Tensor, ev: Tensor, weight) -> tuple[Tensor, Tensor]:
     return mu * weight, (ev - 1.0) * (0.5 * weight)
 
 
+def _kl_weight(g: Tensor, beta: float, active: Tensor | None, scale: float, per_row: bool):
+    """d out . g / d KL_ik: ``((g0 beta + g3) a_k + g2) * scale``, [B, L] / [L] / a scalar."""
+    gk, g2 = g[0] * beta + g[3], g[2]
+    if per_row:
+        gk, g2 = gk[:, None], g2[:, None]
+    w = gk + g2 if active is None else gk * active + g2
+    return w * scale if scale != 1.0 else w
+
+
 def _reduce(rows: Tensor, reduction: str) -> Tensor:
-    if reduction == "sum":
-        return rows.sum()
-    if reduction == "mean":
-        return rows.mean()
-    return rows
+    """[4, B] per-row terms reduced over the batch: [4] ("sum", "batchmean") or [4, B]."""
+    if reduction == "none":
+        return rows
+    out = rows.sum(1)
+    return out.div_(rows.shape[1]) if reduction == "batchmean" else out
 
 
 # ---- the op ------------------------------------------------------------------------------------
@@ -170,119 +331,135 @@ def _grad_buffer(t: Tensor, dt: torch.dtype) -> Tensor:
     return torch.empty(t.shape, dtype=dt, device=t.device)
 
 
-def _forward(recon, x, mu, logvar, beta, from_logits, reduction, want):
-    """(rows, grads): the per-row loss and, where ``want[i]``, the gradient of the reduced loss
-    for ``grad_output = 1`` with respect to input i (in the compute dtype)."""
+def _forward(recon, x, mu, logvar, sigma, args, want):
+    """(rows [4, B], (d recon, d x, d sigma), active, exp(logvar)): the per-row terms and, where
+    ``want`` (for recon, x, sigma), the likelihood's gradients for ``(g0 + g1) = 1`` (scale of the
+    reduction included), in the compute dtype."""
+    inv_sigma, log_norm, beta, free_bits, likelihood, from_logits, reduction = args
     dt = _compute_dtype(recon)
     B, D = recon.shape
-    scale = 1.0 / B if reduction == "mean" else 1.0
-    likelihood = _bernoulli_logits if from_logits else _bernoulli_probs
-    m, v = mu.to(dt), logvar.to(dt)
-    ev = v.exp()
-    rows = _kl_rows(m, v, ev, beta)
-    d_recon = _grad_buffer(recon, dt) if want[0] else None
-    d_x = _grad_buffer(x, dt) if want[1] else None
+    scale = 1.0 / B if reduction == "batchmean" else 1.0
+    fast = _likelihood(likelihood, from_logits)[0]
+    kl, kl_eff, active, ev = _kl_terms(mu.to(dt), logvar.to(dt), free_bits)
+    bufs = [_grad_buffer(t, dt) if w else None for t, w in zip((recon, x, sigma), want)]
     chunks = _row_chunks(B, D)
     step = B if chunks[0] is None else chunks[0].stop
     ws = [torch.empty(step, D, dtype=dt, device=recon.device) for _ in range(2)]
     t_ws = torch.empty(step, D, dtype=dt, device=recon.device) if x.dtype == torch.uint8 else None
+    rec = None
     for c in chunks:
         s = _take(recon, c).to(dt)
         t = _target(_take(x, c), dt, None if t_ws is None else t_ws[: s.shape[0]])
-        bce = likelihood(s, t, ws, None if d_recon is None else _take(d_recon, c),
-                         None if d_x is None else _take(d_x, c), scale)
+        sig = None if sigma is None else _take(sigma, c).to(dt)
+        part = fast(s, t, sig, inv_sigma, log_norm, ws,
+                    *(None if b is None else _take(b, c) for b in bufs), scale)
         if c is None:
-            rows = rows + bce
+            rec = part.to(dt)
         else:
-            rows[c] += bce
-    d_mu = d_logvar = None
-    if want[2] or want[3]:
-        d_mu, d_logvar = _kl_grads(m, ev, beta * scale)
-    return rows, [d_recon, d_x, d_mu if want[2] else None, d_logvar if want[3] else None]
+            if rec is None:
+                rec = torch.empty(B, dtype=dt, device=recon.device)
+            rec[c] = part
+    loss = rec + beta * kl_eff if beta != 0.0 else rec
+    return torch.stack([loss, rec, kl, kl_eff]), bufs, active, ev
 
 
-def _recompute_grads(recon, x, mu, logvar, beta, from_logits, reduction, want, g_rows):
+def _recompute_grads(recon, x, mu, logvar, sigma, args, want, g, active):
     """The gradients from the saved inputs with out-of-place ops: for a second backward of the
     same graph, ``create_graph=True`` (differentiable) and torch.compile tracing."""
+    inv_sigma, log_norm, beta, free_bits, likelihood, from_logits, reduction = args
     dt = _compute_dtype(recon)
-    scale = g_rows / recon.shape[0] if reduction == "mean" else g_rows
-    s = recon.to(dt)
-    t = _target(x, dt)
-    grads = [None] * 4
-    if want[0]:
-        if from_logits:
-            # sigmoid(s) - t as (h - t) + q (1 - 2h), the arithmetic of _bernoulli_logits
-            e = torch.exp(-torch.abs(s))
-            q = e / (1.0 + e)
-            h = (s > 0).to(dt)
-            grads[0] = (torch.addcmul(q, q, h, value=-2.0) + (h - t)) * scale
-        else:
-            grads[0] = (s - t) / (s * (1.0 - s)).clamp(min=1e-12) * scale
-    if want[1]:
-        if from_logits:
-            grads[1] = -s * scale
-        else:
-            grads[1] = (torch.log1p(-s).clamp(min=-100.0) - torch.log(s).clamp(min=-100.0)) * scale
+    per_row = reduction == "none"
+    scale = 1.0 / recon.shape[0] if reduction == "batchmean" else 1.0
+    grads = [None] * 5
+    if want[0] or want[1] or want[4]:
+        f = g[0] + g[1]
+        f = f[:, None] if per_row else f
+        sig = None if sigma is None else sigma.to(dt)
+        # the fast path's arithmetic (scale inside, then times f): a second backward of the graph
+        # gives the first one's gradients to the bit
+        parts = _likelihood(likelihood, from_logits)[1](
+            recon.to(dt), _target(x, dt), sig, inv_sigma, log_norm, (want[0], want[1], want[4]), scale)
+        for i, d in zip((0, 1, 4), parts):
+            if want[i] and d is not None:
+                grads[i] = d * f
     if want[2] or want[3]:
-        d_mu, d_logvar = _kl_grads(mu.to(dt), logvar.to(dt).exp(), beta * scale)
+        m, v = mu.to(dt), logvar.to(dt)
+        d_mu, d_logvar = _kl_grads(m, v.exp(), _kl_weight(g, beta, active, scale, per_row))
         grads[2] = d_mu if want[2] else None
         grads[3] = d_logvar if want[3] else None
     return grads
 
 
 def _is_one(grad: Tensor) -> bool:
-    """grad_output == 1 everywhere, checked on the host: only for CPU tensors, where it is free."""
+    """grad == 1 everywhere, checked on the host: only for CPU tensors, where it is free."""
     if grad.device.type != "cpu":
         return False
     return grad.item() == 1.0 if grad.numel() == 1 else bool((grad == 1).all())
 
 
 class ELBOFunction(torch.autograd.Function):
-    """loss = sum_j bce(recon_ij, x_ij) + beta * KL_i, reduced over the batch; 2-D inputs."""
+    """out = [loss, reconstruction, kl, kl_eff], reduced over the batch ([4]) or per row ([4, B]);
+    2-D inputs (recon, x [B, N]; mu, logvar [B, L]; sigma None or [B, N])."""
 
     @staticmethod
-    def forward(ctx, recon, x, mu, logvar, beta: float, from_logits: bool, reduction: str,
-                grad_enabled: bool):
-        # gradients are precomputed only when a backward will come (grad mode was on outside
-        # the Function and an input requires grad), and never under tracing
-        want = tuple(ctx.needs_input_grad[:4])
-        single_pass = grad_enabled and any(want) and not torch.compiler.is_compiling()
+    def forward(ctx, recon, x, mu, logvar, sigma, args, grad_enabled: bool):
+        # the likelihood's gradients are precomputed only when a backward will come (grad mode was
+        # on outside the Function and an input requires grad), and never under tracing
+        need = ctx.needs_input_grad
+        want = (need[0], need[1], sigma is not None and need[4])
+        single_pass = grad_enabled and any(need[:5]) and not torch.compiler.is_compiling()
         # autocast-safe: the loss is always computed in fp32 (or fp64), whatever autocast is on
         with torch.autocast(recon.device.type, enabled=False):
-            rows, grads = _forward(recon, x, mu, logvar, beta, from_logits, reduction,
-                                   want if single_pass else (False,) * 4)
-        ctx.save_for_backward(recon, x, mu, logvar)
-        ctx.args = (beta, from_logits, reduction)
-        ctx.dtypes = tuple(t.dtype for t in (recon, x, mu, logvar))
-        ctx.grads = grads if single_pass else None
-        return _reduce(rows, reduction)
+            rows, bufs, active, ev = _forward(recon, x, mu, logvar, sigma, args,
+                                              want if single_pass else (False,) * 3)
+        ctx.save_for_backward(recon, x, mu, logvar, sigma)
+        ctx.args = args
+        ctx.active = active
+        ctx.dtypes = (recon.dtype, x.dtype, mu.dtype, logvar.dtype,
+                      None if sigma is None else sigma.dtype)
+        ctx.single = (bufs, ev) if single_pass else None
+        return _reduce(rows, args[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        beta, from_logits, reduction = ctx.args
-        want = ctx.needs_input_grad[:4]
-        grads, ctx.grads = ctx.grads, None  # handed over once: a later backward recomputes
-        if grads is None or torch.is_grad_enabled():
-            recon, x, mu, logvar = ctx.saved_tensors
-            g = grad.to(_compute_dtype(recon))
-            g_rows = g.reshape(-1, 1) if reduction == "none" else g
-            grads = _recompute_grads(recon, x, mu, logvar, beta, from_logits, reduction, want, g_rows)
-        elif not _is_one(grad):  # scale the op's own buffers in place
-            g = grad.to(next(t.dtype for t in grads if t is not None))
-            g_rows = g.reshape(-1, 1) if reduction == "none" else g
-            for t in grads:
-                if t is not None:
-                    t.mul_(g_rows)
+        args = ctx.args
+        beta, reduction = args[2], args[-1]
+        want = ctx.needs_input_grad[:5]
+        single, ctx.single = ctx.single, None  # handed over once: a later backward recomputes
+        g = grad.to(_compute_dtype(ctx.saved_tensors[0]))
+        per_row = reduction == "none"
+        if single is None or torch.is_grad_enabled():
+            grads = _recompute_grads(*ctx.saved_tensors, args, want, g, ctx.active)
+        else:
+            bufs, ev = single
+            f = g[0] + g[1]
+            if not _is_one(f):  # scale the op's own buffers in place
+                f = f[:, None] if per_row else f
+                for t in bufs:
+                    if t is not None:
+                        t.mul_(f)
+            grads = [bufs[0], bufs[1], None, None, bufs[2]]
+            if want[2] or want[3]:
+                _, _, mu, _, _ = ctx.saved_tensors
+                scale = 1.0 / mu.shape[0] if reduction == "batchmean" else 1.0
+                d_mu, d_logvar = _kl_grads(mu.to(ev.dtype), ev, _kl_weight(g, beta, ctx.active, scale, per_row))
+                grads[2] = d_mu if want[2] else None
+                grads[3] = d_logvar if want[3] else None
         # each gradient in its input's dtype (no copy when the buffer already is)
-        out = [None if t is None else t.to(dt) for t, dt in zip(grads, ctx.dtypes)]
+        out = [None if t is None or not w else t.to(dt) for t, dt, w in zip(grads, ctx.dtypes, want)]
         del grads
-        return (*out, None, None, None, None)
+        return (*out, None, None)
 
 
-def elbo(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, beta: float, from_logits: bool,
+def elbo(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, sigma: Tensor | None, inv_sigma: float,
+         log_norm: float, beta: float, free_bits: float, likelihood: str, from_logits: bool,
          reduction: str) -> Tensor:
-    return ELBOFunction.apply(recon, x, mu, logvar, beta, from_logits, reduction,
-                              torch.is_grad_enabled())
+    """The backend contract (README, kernels/likelihoods.py): ``out = [loss, reconstruction, kl,
+    kl_eff]`` reduced over the batch ([4]) or per row ([4, B], reduction="none"), float32 (float64
+    for float64 recon); differentiable w.r.t. recon, x, mu, logvar and sigma."""
+    args = (float(inv_sigma), float(log_norm), float(beta), float(free_bits), likelihood,
+            bool(from_logits), reduction)
+    return ELBOFunction.apply(recon, x, mu, logvar, sigma, args, torch.is_grad_enabled())
 
 
 def reparameterize(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
