@@ -34,29 +34,43 @@ def _traced(t: Tensor) -> bool:
 
 
 @triton_op("fastvae::elbo", mutates_args={})
-def elbo(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, beta: float, from_logits: bool,
-         reduction: str, grad: bool, x_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _elbo.elbo_forward(wrap_triton, recon, x, mu, logvar, beta, from_logits, reduction,
-                              grad, x_grad)
+def elbo(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, sigma: Optional[Tensor], inv_sigma: float,
+         log_norm: float, beta: float, free_bits: float, likelihood: str, from_logits: bool,
+         reduction: str, grad: bool, x_grad: bool, sigma_grad: bool
+         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _elbo.elbo_forward(wrap_triton, recon, x, mu, logvar, sigma, inv_sigma, log_norm, beta,
+                              free_bits, likelihood, from_logits, reduction, grad, x_grad, sigma_grad)
 
 
-@triton_op("fastvae::elbo_scale_grads_", mutates_args={"drecon", "dx", "dmu", "dlogvar"})
-def elbo_scale_grads_(grad: Tensor, drecon: Tensor, dx: Tensor, dmu: Tensor, dlogvar: Tensor) -> None:
-    _elbo.scale_grads_(wrap_triton, grad, drecon, dx, dmu, dlogvar)
+@triton_op("fastvae::elbo_scale_grads_", mutates_args={"drecon", "dx", "dsigma", "dmu", "dlogvar"})
+def elbo_scale_grads_(grad: Tensor, beta: float, drecon: Tensor, dx: Tensor, dsigma: Tensor, dmu: Tensor,
+                      dlogvar: Tensor, active: Tensor) -> None:
+    _elbo.scale_grads_(wrap_triton, grad, beta, drecon, dx, dsigma, dmu, dlogvar, active)
 
 
-def _times(buf: Tensor, g: Tensor) -> Tensor:
-    # buf * grad_output (per row for reduction="none") as plain tensor ops: inductor fuses them
-    # into whatever consumes the gradient where it can
+def _factors(g: Tensor, beta: float, active: Tensor) -> tuple[Tensor, Tensor]:
+    """The backward's factors as plain tensor ops (see ``_scale_grads_kernel``): for the pixel
+    gradients ``g0 + g1``, for the latent ones ``(beta g0 + g3) active + g2``, shaped to broadcast
+    against [B, N] and [B, L]."""
+    if g.dim() == 2:
+        g = g[:, :, None]                       # [4, B, 1]: per row
+    w = beta * g[0] + g[3]
+    if active.numel():
+        w = w * active
+    return g[0] + g[1], w + g[2]
+
+
+def _times(buf: Tensor, f: Tensor) -> Tensor:
+    # buf * factor as plain tensor ops: inductor fuses them into whatever consumes the gradient
     if buf.numel() == 0:
         return buf
-    return (buf * (g if g.dim() == 0 else g[:, None])).to(buf.dtype)
+    return (buf * f).to(buf.dtype)
 
 
 def _elbo_setup(ctx, inputs, output):
-    _, _, _, _, _, _, _, grad, x_grad = inputs
-    ctx.grad_written = grad
-    ctx.x_grad = x_grad
+    ctx.grad_written, ctx.x_grad, ctx.sigma_grad = inputs[-3:]
+    ctx.beta = inputs[7]
+    ctx.has_sigma = inputs[4] is not None
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(*output[1:])
 
@@ -66,7 +80,7 @@ def _elbo_grad(ctx, g, *_unused):
         raise RuntimeError("fastvae.elbo_loss: no gradient was computed in the forward pass (it ran "
                            "under torch.no_grad, or no input required grad)")
     try:
-        drecon, dx, dmu, dlogvar = ctx.saved_tensors
+        drecon, dx, dsigma, dmu, dlogvar, active = ctx.saved_tensors
     except RuntimeError as e:  # the version check: an earlier backward already scaled them
         raise RuntimeError(
             "fastvae.elbo_loss writes its gradients during the forward pass and hands them over in "
@@ -74,10 +88,18 @@ def _elbo_grad(ctx, g, *_unused):
             "not supported on the Triton path: compute the loss again, or use backend='torch'") from e
     if _traced(g):
         # a traced in-place update of a saved tensor would be preceded by a copy of it
-        drecon, dx, dmu, dlogvar = (_times(t, g) for t in (drecon, dx, dmu, dlogvar))
+        f_pix, f_lat = _factors(g, ctx.beta, active)
+        drecon, dx, dsigma = (_times(t, f_pix) for t in (drecon, dx, dsigma))
+        dmu, dlogvar = (_times(t, f_lat) for t in (dmu, dlogvar))
     else:
-        torch.ops.fastvae.elbo_scale_grads_(g, drecon, dx, dmu, dlogvar)
-    return drecon, (dx if ctx.x_grad else None), dmu, dlogvar, None, None, None, None, None
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "fastvae.elbo_loss: double backward (create_graph=True, torch.autograd.functional."
+                "hessian, ...) is not supported on the Triton path, whose gradients are written in "
+                "the forward pass; use backend='torch', which supports it")
+        torch.ops.fastvae.elbo_scale_grads_(g, ctx.beta, drecon, dx, dsigma, dmu, dlogvar, active)
+    return (drecon, (dx if ctx.x_grad else None), dmu, dlogvar,
+            (dsigma if ctx.sigma_grad else None)) + (None,) * 10
 
 
 register_autograd("fastvae::elbo", _elbo_grad, setup_context=_elbo_setup)

@@ -42,78 +42,41 @@ _MAX_BLOCK_N = 128
 _MAX_BLOCK_L = 64
 
 
-# ---- the math, once: value and derivatives of each per-element term ----------------------------
-
-@triton.jit
-def _log1p_small(e):
-    # log(1 + e) for e in [0, 1] without a log: log(1 + e) = 2 atanh(w) with w = e / (2 + e) in
-    # [0, 1/3], = 2 (w + w^3/3 + w^5/5 + ...). Stopping at w^15 leaves < w^17 / 17 < 5e-10 relative.
-    # Accurate for tiny e too (2w -> e), fused multiply-adds only: ~2x fewer instructions than
-    # libdevice's log plus the correction that the rounding of 1 + e needs, and the interpreter
-    # runs the same arithmetic.
-    w = e / (2.0 + e)
-    w2 = w * w
-    p = 1.0 / 15.0
-    p = p * w2 + 1.0 / 13.0
-    p = p * w2 + 1.0 / 11.0
-    p = p * w2 + 1.0 / 9.0
-    p = p * w2 + 1.0 / 7.0
-    p = p * w2 + 1.0 / 5.0
-    p = p * w2 + 1.0 / 3.0
-    p = p * w2 + 1.0
-    return 2.0 * w * p
-
-
-@triton.jit
-def bernoulli_nll(s, t, FROM_LOGITS: tl.constexpr):
-    """(nll, d nll / d s, d nll / d t) of a Bernoulli pixel with target t in [0, 1].
-
-    Logits s: nll = max(s, 0) - s t + log(1 + e^-|s|),  d/ds = sigmoid(s) - t,  d/dt = -s;
-    every term stays accurate relative to itself at confident logits (|s| up to ~87).
-    Probabilities s (F.binary_cross_entropy, logs clamped at -100):
-        nll = -(t log s + (1 - t) log(1 - s)),  d/ds = (s - t) / max(s (1 - s), 1e-12),
-        d/dt = log(1 - s) - log(s) (clamped: the exact derivative of the clamped loss).
-    """
-    if FROM_LOGITS:
-        e = tl.exp(-tl.abs(s))                       # in (0, 1]: no overflow
-        nll = tl.maximum(s, 0.0) - s * t + _log1p_small(e)
-        q = e / (1.0 + e)                            # sigmoid(-|s|)
-        # sigmoid(s) - t from the same e, as (1 - t) - q for s >= 0: no cancellation when t = 1
-        ds = tl.where(s >= 0.0, (1.0 - t) - q, q - t)
-        dt = -s
-    else:
-        logp = tl.maximum(tl.log(s), -100.0)
-        log1mp = tl.maximum(tl.log(1.0 - s), -100.0)
-        nll = -(t * logp + (1.0 - t) * log1mp)
-        ds = (s - t) / tl.maximum(s * (1.0 - s), 1e-12)
-        dt = log1mp - logp
-    return nll, ds, dt
-
-
-@triton.jit
-def gaussian_kl(mu, lv):
-    """(kl, d kl / d mu, d kl / d lv) of one latent: 0.5 (mu^2 + e^lv - 1 - lv)."""
-    v = tl.exp(lv)
-    return 0.5 * (mu * mu + v - 1.0 - lv), mu, 0.5 * (v - 1.0)
-
+from .likelihoods import decoder_nll, gaussian_kl, likelihood_code
 
 # ---- forward (+ gradients): flat tiling -----------------------------------------------------------
 
 @triton.jit
+def _latent_terms(mu, lv, act_ptr, offs, m, L, free_bits, FREE_BITS: tl.constexpr):
+    # (kl, kl_eff, d kl / d mu, d kl / d lv) of latents at flat indices `offs` of a [B, L] array:
+    # with free bits, a dimension whose batch-mean KL is below the floor counts free_bits instead
+    kl, dmu, dlv = gaussian_kl(mu, lv)
+    kl = tl.where(m, kl, 0.0)
+    if FREE_BITS:
+        active = tl.load(act_ptr + offs % L, mask=m, other=0.0)
+        kl_eff = tl.where(m, tl.where(active != 0.0, kl, free_bits), 0.0)
+    else:
+        kl_eff = kl
+    return kl, kl_eff, dmu, dlv
+
+
+@triton.jit
 def _elbo_flat_kernel(
-    recon_ptr, x_ptr, mu_ptr, logvar_ptr, partial_ptr,
+    recon_ptr, x_ptr, mu_ptr, logvar_ptr, act_ptr, partial_ptr,
     drecon_ptr, dx_ptr, dmu_ptr, dlogvar_ptr,
-    n_pix, n_lat, pix_programs,
-    beta, scale,
-    FROM_LOGITS: tl.constexpr, X_U8: tl.constexpr, GRAD: tl.constexpr, X_GRAD: tl.constexpr,
-    BLOCK: tl.constexpr, ITERS: tl.constexpr,
+    n_pix, n_lat, L, pix_programs, programs,
+    inv_sigma, log_norm, free_bits, scale,
+    LIKELIHOOD: tl.constexpr, X_U8: tl.constexpr, GRAD: tl.constexpr, X_GRAD: tl.constexpr,
+    FREE_BITS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
 ):
-    # programs [0, pix_programs) walk the pixels, the rest the latents; one fp32 partial each.
-    # `scale` is d loss / d row loss (1, or 1/B for "mean"), folded into the stored gradients.
+    # programs [0, pix_programs) walk the pixels, the rest the latents; each writes its three
+    # fp32 partial sums (reconstruction, kl, kl_eff) to partial[0..2, pid]. `scale` is
+    # d loss / d row loss (1, or 1/B for "batchmean"), folded into the stored gradients, which are
+    # those of the reconstruction and of the (unweighted) KL: the backward applies beta.
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK).to(tl.int64)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
     if pid < pix_programs:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
         start = pid.to(tl.int64) * (BLOCK * ITERS)
         for i in range(ITERS):
             offs = start + i * BLOCK + lanes
@@ -122,48 +85,55 @@ def _elbo_flat_kernel(
             t = tl.load(x_ptr + offs, mask=m, other=0).to(tl.float32)
             if X_U8:
                 t = t / 255.0
-            nll, ds, dt = bernoulli_nll(s, t, FROM_LOGITS)
+            nll, ds, dt, _ = decoder_nll(s, t, inv_sigma, log_norm, LIKELIHOOD)
             acc += tl.where(m, nll, 0.0)
             if GRAD:
                 tl.store(drecon_ptr + offs, (ds * scale).to(drecon_ptr.dtype.element_ty), mask=m)
             if X_GRAD:
                 tl.store(dx_ptr + offs, (dt * scale).to(dx_ptr.dtype.element_ty), mask=m)
         tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
+        tl.store(partial_ptr + programs + pid, 0.0)
+        tl.store(partial_ptr + 2 * programs + pid, 0.0)
     else:
-        beta = tl.cast(beta, tl.float32)
+        kacc = tl.zeros([BLOCK], dtype=tl.float32)
+        eacc = tl.zeros([BLOCK], dtype=tl.float32)
         start = (pid - pix_programs).to(tl.int64) * (BLOCK * ITERS)
         for i in range(ITERS):
             offs = start + i * BLOCK + lanes
             m = offs < n_lat
             mu = tl.load(mu_ptr + offs, mask=m, other=0).to(tl.float32)
             lv = tl.load(logvar_ptr + offs, mask=m, other=0).to(tl.float32)
-            kl, dmu, dlv = gaussian_kl(mu, lv)
-            acc += tl.where(m, kl, 0.0)
+            kl, kl_eff, dmu, dlv = _latent_terms(mu, lv, act_ptr, offs, m, L, free_bits, FREE_BITS)
+            kacc += kl
+            eacc += kl_eff
             if GRAD:
-                tl.store(dmu_ptr + offs, (dmu * (beta * scale)).to(dmu_ptr.dtype.element_ty), mask=m)
-                tl.store(dlogvar_ptr + offs, (dlv * (beta * scale)).to(dlogvar_ptr.dtype.element_ty), mask=m)
-        tl.store(partial_ptr + pid, beta * tl.sum(acc, axis=0))
+                tl.store(dmu_ptr + offs, (dmu * scale).to(dmu_ptr.dtype.element_ty), mask=m)
+                tl.store(dlogvar_ptr + offs, (dlv * scale).to(dlogvar_ptr.dtype.element_ty), mask=m)
+        tl.store(partial_ptr + pid, 0.0)
+        tl.store(partial_ptr + programs + pid, tl.sum(kacc, axis=0))
+        tl.store(partial_ptr + 2 * programs + pid, tl.sum(eacc, axis=0))
 
 
 # ---- forward (+ gradients): row tiling, any strides -------------------------------------------------
 
 @triton.jit
 def _elbo_rows_kernel(
-    recon_ptr, x_ptr, mu_ptr, logvar_ptr, out_ptr,
-    drecon_ptr, dx_ptr, dmu_ptr, dlogvar_ptr,
-    B, N, L,
-    stride_rb, stride_rn, stride_xb, stride_xn,
+    recon_ptr, x_ptr, sigma_ptr, mu_ptr, logvar_ptr, act_ptr, out_ptr,
+    drecon_ptr, dx_ptr, dsigma_ptr, dmu_ptr, dlogvar_ptr,
+    B, N, L, out_stride,
+    stride_rb, stride_rn, stride_xb, stride_xn, stride_sb, stride_sn,
     stride_mb, stride_ml, stride_vb, stride_vl,
-    beta, scale,
-    FROM_LOGITS: tl.constexpr, X_U8: tl.constexpr, GRAD: tl.constexpr, X_GRAD: tl.constexpr,
-    PARTIAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    inv_sigma, log_norm, beta, free_bits, scale,
+    LIKELIHOOD: tl.constexpr, X_U8: tl.constexpr, GRAD: tl.constexpr, X_GRAD: tl.constexpr,
+    SIGMA_PTR: tl.constexpr, SIGMA_GRAD: tl.constexpr, FREE_BITS: tl.constexpr,
+    PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    # one program owns BLOCK_M whole rows; it writes their losses (PARTIAL=False, out is [B]) or
-    # their sum (PARTIAL=True, out is one fp32 per program). Gradients are written contiguous.
+    # one program owns BLOCK_M whole rows. PARTIAL=False: it writes their (loss, reconstruction,
+    # kl, kl_eff) to out[0..3, rows] (out is [4, B]); PARTIAL=True: the sums of their
+    # reconstruction, kl and kl_eff to out[0..2, pid]. Gradients are written contiguous.
+    # SIGMA_PTR: the Gaussian's sigma is a tensor read per element (through its strides).
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < B
-    beta = tl.cast(beta, tl.float32)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
@@ -175,16 +145,25 @@ def _elbo_rows_kernel(
                     mask=m, other=0).to(tl.float32)
         if X_U8:
             t = t / 255.0
-        nll, ds, dt = bernoulli_nll(s, t, FROM_LOGITS)
+        if SIGMA_PTR:
+            sig = tl.load(sigma_ptr + rows[:, None] * stride_sb + cols[None, :] * stride_sn,
+                          mask=m, other=1.0).to(tl.float32)
+            nll, ds, dt, dsig = decoder_nll(s, t, 1.0 / sig, tl.log(sig) + 0.9189385332046727,
+                                            LIKELIHOOD)
+        else:
+            nll, ds, dt, dsig = decoder_nll(s, t, inv_sigma, log_norm, LIKELIHOOD)
         acc += tl.where(m, nll, 0.0)
         out = rows[:, None] * N + cols[None, :]
         if GRAD:
             tl.store(drecon_ptr + out, (ds * scale).to(drecon_ptr.dtype.element_ty), mask=m)
         if X_GRAD:
             tl.store(dx_ptr + out, (dt * scale).to(dx_ptr.dtype.element_ty), mask=m)
-    bce = tl.sum(acc, axis=1)
+        if SIGMA_GRAD:
+            tl.store(dsigma_ptr + out, (dsig * scale).to(dsigma_ptr.dtype.element_ty), mask=m)
+    rec = tl.sum(acc, axis=1)
 
     kacc = tl.zeros([BLOCK_M, BLOCK_L], dtype=tl.float32)
+    eacc = tl.zeros([BLOCK_M, BLOCK_L], dtype=tl.float32)
     for l0 in range(0, L, BLOCK_L):
         cols = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
         m = row_ok[:, None] & (cols < L)[None, :]
@@ -192,82 +171,109 @@ def _elbo_rows_kernel(
                      mask=m, other=0).to(tl.float32)
         lv = tl.load(logvar_ptr + rows[:, None] * stride_vb + cols[None, :] * stride_vl,
                      mask=m, other=0).to(tl.float32)
-        kl, dmu, dlv = gaussian_kl(mu, lv)
-        kacc += tl.where(m, kl, 0.0)
+        out = rows[:, None] * L + cols[None, :]
+        kl, kl_eff, dmu, dlv = _latent_terms(mu, lv, act_ptr, out, m, L, free_bits, FREE_BITS)
+        kacc += kl
+        eacc += kl_eff
         if GRAD:
-            out = rows[:, None] * L + cols[None, :]
-            tl.store(dmu_ptr + out, (dmu * (beta * scale)).to(dmu_ptr.dtype.element_ty), mask=m)
-            tl.store(dlogvar_ptr + out, (dlv * (beta * scale)).to(dlogvar_ptr.dtype.element_ty), mask=m)
-    loss = bce + beta * tl.sum(kacc, axis=1)
+            tl.store(dmu_ptr + out, (dmu * scale).to(dmu_ptr.dtype.element_ty), mask=m)
+            tl.store(dlogvar_ptr + out, (dlv * scale).to(dlogvar_ptr.dtype.element_ty), mask=m)
+    kl = tl.sum(kacc, axis=1)
+    kl_eff = tl.sum(eacc, axis=1)
 
     if PARTIAL:
-        tl.store(out_ptr + tl.program_id(0), tl.sum(tl.where(row_ok, loss, 0.0), axis=0))
+        pid = tl.program_id(0)
+        tl.store(out_ptr + pid, tl.sum(tl.where(row_ok, rec, 0.0), axis=0))
+        tl.store(out_ptr + out_stride + pid, tl.sum(tl.where(row_ok, kl, 0.0), axis=0))
+        tl.store(out_ptr + 2 * out_stride + pid, tl.sum(tl.where(row_ok, kl_eff, 0.0), axis=0))
     else:
-        tl.store(out_ptr + rows, loss, mask=row_ok)
+        beta = tl.cast(beta, tl.float32)
+        tl.store(out_ptr + rows, rec + beta * kl_eff, mask=row_ok)
+        tl.store(out_ptr + out_stride + rows, rec, mask=row_ok)
+        tl.store(out_ptr + 2 * out_stride + rows, kl, mask=row_ok)
+        tl.store(out_ptr + 3 * out_stride + rows, kl_eff, mask=row_ok)
 
 
 @triton.jit
-def _sum_kernel(in_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
-    # stage two of the reduction: one program adds the partial sums in a fixed order
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+def _sum_kernel(in_ptr, out_ptr, n, beta, scale, BLOCK: tl.constexpr):
+    # stage two of the reduction: one program adds each row of the partial sums [3, n]
+    # (reconstruction, kl, kl_eff) in a fixed order, and writes (loss, reconstruction, kl, kl_eff)
+    beta = tl.cast(beta, tl.float32)
+    rec = tl.zeros([BLOCK], dtype=tl.float32)
+    kl = tl.zeros([BLOCK], dtype=tl.float32)
+    kl_eff = tl.zeros([BLOCK], dtype=tl.float32)
     for i0 in range(0, n, BLOCK):
         offs = i0 + tl.arange(0, BLOCK).to(tl.int64)
-        acc += tl.load(in_ptr + offs, mask=offs < n, other=0.0)
-    tl.store(out_ptr, tl.sum(acc, axis=0) * scale)
+        m = offs < n
+        rec += tl.load(in_ptr + offs, mask=m, other=0.0)
+        kl += tl.load(in_ptr + n + offs, mask=m, other=0.0)
+        kl_eff += tl.load(in_ptr + 2 * n + offs, mask=m, other=0.0)
+    r = tl.sum(rec, axis=0) * scale
+    e = tl.sum(kl_eff, axis=0) * scale
+    tl.store(out_ptr, r + beta * e)
+    tl.store(out_ptr + 1, r)
+    tl.store(out_ptr + 2, tl.sum(kl, axis=0) * scale)
+    tl.store(out_ptr + 3, e)
 
 
-# ---- backward: multiply the gradients written by the forward by grad_output ------------------------
-
-@triton.jit
-def _grad_output(g_ptr, stride_g, offs, m, width, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
-    # grad_output for the flat indices `offs` of a contiguous [B, width] buffer: one scalar, or the
-    # value of each element's row (PER_ROW). Returns values only.
-    if PER_ROW:
-        g = tl.load(g_ptr + (offs // width) * stride_g, mask=m, other=1.0).to(tl.float32)
-    else:
-        g = tl.zeros([BLOCK], dtype=tl.float32) + tl.load(g_ptr).to(tl.float32)
-    return g
-
+# ---- backward: multiply the gradients written by the forward by their factors ---------------------
 
 @triton.jit
-def _must_scale(g):
-    # a slice whose g values are all exactly 1 is left untouched (NaN != 1: it is scaled)
-    return tl.sum((g != 1.0).to(tl.int32), axis=0) != 0
+def _row_g(g_ptr, stride_gc, stride_gb, rows, m, C: tl.constexpr):
+    # grad_output of output component C for the given rows (stride_gb = 0: one scalar)
+    return tl.load(g_ptr + C * stride_gc + rows * stride_gb, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _must_scale(f):
+    # a slice whose factors are all exactly 1 is left untouched (NaN != 1: it is scaled)
+    return tl.sum((f != 1.0).to(tl.int32), axis=0) != 0
 
 
 @triton.jit
 def _scale_grads_kernel(
-    g_ptr, stride_g,
-    a_ptr, b_ptr, c_ptr, d_ptr,
-    n_ab, n_cd, N, L, ab_programs,
-    HAS_B: tl.constexpr, PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
+    g_ptr, stride_gc, stride_gb, act_ptr,
+    a_ptr, b_ptr, c_ptr, d_ptr, e_ptr,
+    n_pix, n_lat, N, L, pix_programs, beta,
+    HAS_B: tl.constexpr, HAS_C: tl.constexpr, FREE_BITS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # buffer *= g, in place, for the forward's contiguous gradients: a, b are [B, N] (d recon, d x),
-    # c, d are [B, L] (d mu, d logvar); grad_output g is one scalar (stride_g = 0) or one value
-    # per row (PER_ROW). A program whose g values are all 1 returns before touching its slice, so
-    # grad_output = 1 moves no bytes. (The two pairs have their own dtypes, so each keeps its
-    # own branch.)
+    # In place, for the forward's contiguous gradients and g, the grad_output of the op's output
+    # (loss, reconstruction, kl, kl_eff) per row (or one scalar each, stride_gb = 0):
+    #   pixel buffers a, b, c (d recon, d x, d sigma) [B, N]  *= g0 + g1
+    #   latent buffers d, e (d mu, d logvar) [B, L]          *= (beta g0 + g3) active_k + g2
+    # A program whose factors are all 1 returns before touching its slice, so a plain
+    # loss.backward() with beta = 1 moves no bytes.
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK).to(tl.int64)
-    if pid < ab_programs:
+    if pid < pix_programs:
         offs = pid.to(tl.int64) * BLOCK + lanes
-        m = offs < n_ab
-        g = _grad_output(g_ptr, stride_g, offs, m, N, PER_ROW, BLOCK)
-        if _must_scale(g):
+        m = offs < n_pix
+        rows = offs // N
+        f = _row_g(g_ptr, stride_gc, stride_gb, rows, m, 0) + _row_g(g_ptr, stride_gc, stride_gb, rows, m, 1)
+        f = tl.where(m, f, 1.0)
+        if _must_scale(f):
             va = tl.load(a_ptr + offs, mask=m, other=0).to(tl.float32)
-            tl.store(a_ptr + offs, (va * g).to(a_ptr.dtype.element_ty), mask=m)
+            tl.store(a_ptr + offs, (va * f).to(a_ptr.dtype.element_ty), mask=m)
             if HAS_B:
                 vb = tl.load(b_ptr + offs, mask=m, other=0).to(tl.float32)
-                tl.store(b_ptr + offs, (vb * g).to(b_ptr.dtype.element_ty), mask=m)
+                tl.store(b_ptr + offs, (vb * f).to(b_ptr.dtype.element_ty), mask=m)
+            if HAS_C:
+                vc = tl.load(c_ptr + offs, mask=m, other=0).to(tl.float32)
+                tl.store(c_ptr + offs, (vc * f).to(c_ptr.dtype.element_ty), mask=m)
     else:
-        offs = (pid - ab_programs).to(tl.int64) * BLOCK + lanes
-        m = offs < n_cd
-        g = _grad_output(g_ptr, stride_g, offs, m, L, PER_ROW, BLOCK)
-        if _must_scale(g):
-            vc = tl.load(c_ptr + offs, mask=m, other=0).to(tl.float32)
-            tl.store(c_ptr + offs, (vc * g).to(c_ptr.dtype.element_ty), mask=m)
+        beta = tl.cast(beta, tl.float32)
+        offs = (pid - pix_programs).to(tl.int64) * BLOCK + lanes
+        m = offs < n_lat
+        rows = offs // L
+        w = beta * _row_g(g_ptr, stride_gc, stride_gb, rows, m, 0) + _row_g(g_ptr, stride_gc, stride_gb, rows, m, 3)
+        if FREE_BITS:
+            w = w * tl.load(act_ptr + offs % L, mask=m, other=0.0)
+        f = tl.where(m, w + _row_g(g_ptr, stride_gc, stride_gb, rows, m, 2), 1.0)
+        if _must_scale(f):
             vd = tl.load(d_ptr + offs, mask=m, other=0).to(tl.float32)
-            tl.store(d_ptr + offs, (vd * g).to(d_ptr.dtype.element_ty), mask=m)
+            tl.store(d_ptr + offs, (vd * f).to(d_ptr.dtype.element_ty), mask=m)
+            ve = tl.load(e_ptr + offs, mask=m, other=0).to(tl.float32)
+            tl.store(e_ptr + offs, (ve * f).to(e_ptr.dtype.element_ty), mask=m)
 
 
 # ---- launchers ---------------------------------------------------------------------------------
@@ -281,77 +287,106 @@ def _row_blocks(N: int, L: int):
     return block_m, block_n, block_l
 
 
-def _flat(recon, x, mu, logvar) -> bool:
+def _flat(*tensors) -> bool:
     """The flat tiling applies: every input dense in row-major order (recon and x then share
     their flat element order, and so do mu and logvar)."""
-    return all(t.is_contiguous() for t in (recon, x, mu, logvar))
+    return all(t.is_contiguous() for t in tensors)
 
 
-def elbo_forward(kernel_launch, recon, x, mu, logvar, beta: float, from_logits: bool, reduction: str,
-                 grad: bool, x_grad: bool):
-    """(loss, d recon, d x, d mu, d logvar) for 2-D ``recon``/``x`` [B, N] and ``mu``/``logvar`` [B, L].
+def active_dims(mu, logvar, free_bits: float):
+    """Free bits: 1.0 for the latent dimensions whose KL, averaged over the batch, exceeds
+    ``free_bits`` nats, else 0.0 (float32 [L]); computed in fp32 in a fixed order."""
+    m, v = mu.float(), logvar.float()
+    kl = 0.5 * (m * m + torch.exp(v) - 1.0 - v)
+    return (kl.mean(0) > free_bits).float()
 
-    The loss is float32: a scalar for "sum"/"mean", [B] for "none". With ``grad`` the four
-    gradients of the loss for grad_output = 1 are written in the same pass, contiguous in their
-    input's dtype (d x only with ``x_grad``); otherwise (and for d x without ``x_grad``) they are
-    empty tensors. ``kernel_launch`` wraps a kernel for launching (``torch.library.wrap_triton``
-    inside a ``triton_op``, or the identity).
+
+def elbo_forward(kernel_launch, recon, x, mu, logvar, sigma, inv_sigma: float, log_norm: float,
+                 beta: float, free_bits: float, likelihood: str, from_logits: bool, reduction: str,
+                 grad: bool, x_grad: bool, sigma_grad: bool):
+    """(out, d recon, d x, d sigma, d mu, d logvar, active) for 2-D ``recon``/``x`` [B, N],
+    ``mu``/``logvar`` [B, L] and ``sigma`` None or [B, N] (the Gaussian's per-element sigma).
+
+    ``out`` is float32 (loss, reconstruction, kl, kl_eff): [4] for "sum"/"batchmean", [4, B] for
+    "none". With ``grad`` the gradients of the reconstruction (d recon, d x, d sigma) and of the
+    unweighted KL (d mu, d logvar), times d loss / d row (1, or 1/B), are written in the same
+    pass, contiguous in their input's dtype (d x only with ``x_grad``, d sigma with
+    ``sigma_grad``); otherwise they are empty. ``active`` is the free-bits mask [L] (empty
+    without free bits). ``kernel_launch`` wraps a kernel for launching (``wrap_triton`` inside a
+    ``triton_op``, or the identity).
     """
     B, N = recon.shape
     L = mu.shape[1]
     dev = recon.device
     x_grad = grad and x_grad
-    drecon = torch.empty((B, N) if grad else (0,), device=dev, dtype=recon.dtype)
-    dx = torch.empty((B, N) if x_grad else (0,), device=dev, dtype=x.dtype)
-    dmu = torch.empty((B, L) if grad else (0,), device=dev, dtype=mu.dtype)
-    dlogvar = torch.empty((B, L) if grad else (0,), device=dev, dtype=logvar.dtype)
+    sigma_grad = grad and sigma_grad and sigma is not None
+
+    def buffer(shape, want, like):
+        return torch.empty(shape if want else (0,), device=dev, dtype=like.dtype)
+
+    drecon = buffer((B, N), grad, recon)
+    dx = buffer((B, N), x_grad, x)
+    dsigma = buffer((B, N), sigma_grad, sigma if sigma is not None else recon)
+    dmu = buffer((B, L), grad, mu)
+    dlogvar = buffer((B, L), grad, logvar)
+    act = active_dims(mu, logvar, free_bits) if free_bits > 0 else torch.empty(0, device=dev)
     # a pointer that is never written stands in for a buffer that is not asked for
+    act_ptr = act if free_bits > 0 else mu
+    sigma_ptr = sigma if sigma is not None else recon
     ptrs = (drecon if grad else recon, dx if x_grad else recon, dmu if grad else mu,
             dlogvar if grad else logvar)
-    scale = 1.0 / B if reduction == "mean" else 1.0
-    flags = dict(FROM_LOGITS=from_logits, X_U8=x.dtype == torch.uint8, GRAD=grad, X_GRAD=x_grad)
+    scale = 1.0 / B if reduction == "batchmean" else 1.0
+    flags = dict(LIKELIHOOD=likelihood_code(likelihood, from_logits), X_U8=x.dtype == torch.uint8,
+                 GRAD=grad, X_GRAD=x_grad, FREE_BITS=free_bits > 0)
 
-    if reduction != "none" and _flat(recon, x, mu, logvar):
+    if reduction != "none" and sigma is None and _flat(recon, x, mu, logvar):
         per = _FLAT_BLOCK * _FLAT_ITERS
         pix_programs = triton.cdiv(B * N, per)
         programs = pix_programs + triton.cdiv(B * L, per)
-        partial = torch.empty(programs, device=dev, dtype=torch.float32)
+        partial = torch.empty((3, programs), device=dev, dtype=torch.float32)
         kernel_launch(_elbo_flat_kernel)[(programs,)](
-            recon, x, mu, logvar, partial, *ptrs, B * N, B * L, pix_programs, float(beta), scale,
+            recon, x, mu, logvar, act_ptr, partial, *ptrs, B * N, B * L, L, pix_programs, programs,
+            float(inv_sigma), float(log_norm), float(free_bits), scale,
             **flags, BLOCK=_FLAT_BLOCK, ITERS=_FLAT_ITERS, num_warps=_FLAT_WARPS,
         )
     else:
         block_m, block_n, block_l = _row_blocks(N, L)
         programs = triton.cdiv(B, block_m)
-        partial = torch.empty(B if reduction == "none" else programs, device=dev, dtype=torch.float32)
+        partial = torch.empty((4, B) if reduction == "none" else (3, programs), device=dev,
+                              dtype=torch.float32)
         kernel_launch(_elbo_rows_kernel)[(programs,)](
-            recon, x, mu, logvar, partial, *ptrs, B, N, L,
+            recon, x, sigma_ptr, mu, logvar, act_ptr, partial,
+            ptrs[0], ptrs[1], dsigma if sigma_grad else recon, ptrs[2], ptrs[3],
+            B, N, L, partial.shape[1],
             recon.stride(0), recon.stride(1), x.stride(0), x.stride(1),
+            sigma_ptr.stride(0), sigma_ptr.stride(1),
             mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1),
-            float(beta), scale, **flags, PARTIAL=reduction != "none",
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_L=block_l,
-            num_warps=8,
+            float(inv_sigma), float(log_norm), float(beta), float(free_bits), scale, **flags,
+            SIGMA_PTR=sigma is not None, SIGMA_GRAD=sigma_grad, PARTIAL=reduction != "none",
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_L=block_l, num_warps=8,
         )
         if reduction == "none":
-            return partial, drecon, dx, dmu, dlogvar
-    loss = torch.empty((), device=dev, dtype=torch.float32)
-    kernel_launch(_sum_kernel)[(1,)](partial, loss, partial.shape[0], scale, BLOCK=_SUM_BLOCK, num_warps=4)
-    return loss, drecon, dx, dmu, dlogvar
+            return partial, drecon, dx, dsigma, dmu, dlogvar, act
+    out = torch.empty(4, device=dev, dtype=torch.float32)
+    kernel_launch(_sum_kernel)[(1,)](partial, out, partial.shape[1], float(beta), scale,
+                                     BLOCK=_SUM_BLOCK, num_warps=4)
+    return out, drecon, dx, dsigma, dmu, dlogvar, act
 
 
-def scale_grads_(kernel_launch, grad, drecon, dx, dmu, dlogvar) -> None:
-    """Multiply the forward's gradient buffers in place by ``grad`` (a scalar, or [B] per row).
-
-    Programs whose grad values are all 1 return at once. ``dx`` may be empty (not asked for).
-    """
+def scale_grads_(kernel_launch, grad, beta: float, drecon, dx, dsigma, dmu, dlogvar, act) -> None:
+    """Multiply the forward's gradient buffers in place by their factors (see the kernel), for
+    ``grad`` the grad_output of the op's output: [4], or [4, B] per row. ``dx``/``dsigma`` may
+    be empty (not asked for), ``act`` too (no free bits). Programs whose factors are all 1 return
+    at once."""
     B, N = drecon.shape
     L = dmu.shape[1]
-    stride_g = 0 if grad.dim() == 0 else grad.stride(0)
-    ab_programs = triton.cdiv(B * N, _FLAT_BLOCK)
-    programs = ab_programs + triton.cdiv(B * L, _FLAT_BLOCK)
-    has_b = dx.numel() > 0
+    stride_gb = 0 if grad.dim() == 1 else grad.stride(1)
+    pix_programs = triton.cdiv(B * N, _FLAT_BLOCK)
+    programs = pix_programs + triton.cdiv(B * L, _FLAT_BLOCK)
+    has_b, has_c = dx.numel() > 0, dsigma.numel() > 0
     kernel_launch(_scale_grads_kernel)[(programs,)](
-        grad, stride_g, drecon, dx if has_b else drecon, dmu, dlogvar,  # no d x: never touched
-        B * N, B * L, N, L, ab_programs,
-        HAS_B=has_b, PER_ROW=grad.dim() > 0, BLOCK=_FLAT_BLOCK, num_warps=_FLAT_WARPS,
+        grad, grad.stride(0), stride_gb, act if act.numel() else dmu,
+        drecon, dx if has_b else drecon, dsigma if has_c else drecon, dmu, dlogvar,  # never touched
+        B * N, B * L, N, L, pix_programs, float(beta),
+        HAS_B=has_b, HAS_C=has_c, FREE_BITS=act.numel() > 0, BLOCK=_FLAT_BLOCK, num_warps=_FLAT_WARPS,
     )
