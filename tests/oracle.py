@@ -107,7 +107,7 @@ def terms(recon, x, mu, logvar, *, reduction="sum", beta=1.0, likelihood="bernou
 def grads(objective, leaves):
     """{name: d objective / d leaf} for every leaf (zeros where it does not depend on it)."""
     names = list(leaves)
-    got = torch.autograd.grad(objective, [leaves[n] for n in names], allow_unused=True)
+    got = torch.autograd.grad(objective, [leaves[n] for n in names], allow_unused=True, retain_graph=True)
     return {n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(names, got)}
 
 
