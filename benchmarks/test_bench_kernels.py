@@ -1,13 +1,18 @@
 """Kernel-level benchmarks: the VAE loss (ELBO) and the reparameterisation trick.
 
 Groups ``elbo-{fwd,bwd,full}-B{batch}`` and ``reparam-{fwd,full}-B{batch}`` (``-bf16`` appended for
-bf16 on CUDA), at batch 128, 4096 and 65536 with 784 features and a latent size of 20.
+bf16 on CUDA), at batch 128, 4096 and 65536 with 784 features and a latent size of 20; for the other
+decoder likelihoods ``elbo-gaussian-full-B{batch}`` (sigma = 0.5) and ``elbo-cb-full-B{batch}``
+(continuous Bernoulli), forward + backward.
 Providers:
 
 * ``eager``: ``fastvae.baselines.eager_elbo`` (sigmoid + ``F.binary_cross_entropy`` + KL sum) and
   ``eager_reparameterize`` (``mu + exp(logvar / 2) * randn_like``), the shared baselines.
 * ``compile``: ``torch.compile`` (default mode, static shapes) of ``fastvae.baselines.logits_elbo``
   and of ``eager_reparameterize``.
+* for the other likelihoods, ``eager``: ``fastvae.baselines.eager_gaussian_elbo`` /
+  ``eager_cb_elbo`` (torch.distributions' ``log_prob``, as a user writes it) and ``compile``: the
+  validation-free ``gaussian_elbo`` / ``cb_elbo``.
 * ``fastvae``: ``fastvae.elbo_loss`` / ``fastvae.reparameterize`` with the default backend: the
   Triton kernels on CUDA, the PyTorch fallback on CPU.
 * ``copy``: a device-to-device copy that moves as many bytes as the op's byte model (see
@@ -33,7 +38,8 @@ import pytest
 import torch
 
 import fastvae
-from fastvae.baselines import eager_elbo, eager_reparameterize, logits_elbo
+from fastvae.baselines import (cb_elbo, eager_cb_elbo, eager_elbo, eager_gaussian_elbo,
+                               eager_reparameterize, gaussian_elbo, logits_elbo)
 
 FEATURES = 784
 LATENT = 20
@@ -184,6 +190,66 @@ def test_elbo(bench, device, dtype, mode, batch, provider):
             for got, want in zip(torch.autograd.grad(loss, leaves), ref_grads):
                 assert got.dtype == dtype
                 torch.testing.assert_close(got.float(), want, **tol)
+        del loss
+
+
+# ---- the other likelihoods: elbo-{gaussian,cb}-full ----------------------------------------------
+
+SIGMA = 0.5
+_gaussian_elbo = functools.partial(gaussian_elbo, sigma=SIGMA)  # one object: compiled() caches by it
+LIKELIHOOD_FNS = {
+    "gaussian": {"eager": lambda: functools.partial(eager_gaussian_elbo, sigma=SIGMA),
+                 "compile": lambda: compiled(_gaussian_elbo),
+                 "fastvae": lambda: functools.partial(fastvae.elbo_loss, likelihood="gaussian", sigma=SIGMA)},
+    "cb": {"eager": lambda: eager_cb_elbo, "compile": lambda: compiled(cb_elbo),
+           "fastvae": lambda: functools.partial(fastvae.elbo_loss, likelihood="continuous_bernoulli")},
+}
+
+
+@functools.lru_cache(maxsize=1)
+def likelihood_reference(likelihood, batch, dtype, device, ref_dtype):
+    """The eager loss and gradients in ``ref_dtype`` on the same inputs, as float32. The check is
+    against float64: in float32 torch.distributions' continuous Bernoulli gradient is off by up to
+    100% near lam = 1/2 (its log-normaliser cancels), eager and compiled alike."""
+    recon, x, mu, logvar = (t.detach().to(ref_dtype) for t in _elbo_case(batch, dtype, device))
+    leaves = [t.requires_grad_() for t in (recon, mu, logvar)]
+    loss = LIKELIHOOD_FNS[likelihood]["eager"]()(recon, x, mu, logvar)
+    return loss.detach().float(), [g.float() for g in torch.autograd.grad(loss, leaves)]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("batch", SIZES, ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("likelihood", tuple(LIKELIHOOD_FNS))
+def test_elbo_likelihood(bench, device, dtype, likelihood, batch, provider, request):
+    if batch > 4096 and request.config.getoption("benchmark_disable") and device.type == "cpu":
+        # the smoke run covers every code path at 128 and 4096; at 65536 eager alone takes
+        # tens of seconds on a CPU (the continuous Bernoulli's ~30 passes over 51M elements)
+        pytest.skip("B65536 on CPU only when timing (--benchmark-disable given)")
+    group = group_name(f"elbo-{likelihood}", "full", batch, dtype)
+    nbytes = elbo_bytes("full", batch, dtype)  # sigma is a number: the Bernoulli loss's bytes
+    meta = dict(op=f"elbo-{likelihood}", mode="full", batch=batch, features=FEATURES, latent=LATENT,
+                dtype=_short(dtype))
+    if provider == "copy":
+        bench(_copy_fn(nbytes, device), group=group, provider=provider, bytes_moved=nbytes, **meta)
+        return
+    loss_fn = LIKELIHOOD_FNS[likelihood][provider]()
+    recon, x, mu, logvar = elbo_inputs(batch, dtype, device)
+    leaves = (recon, mu, logvar)
+
+    def step():
+        return torch.autograd.grad(loss_fn(recon, x, mu, logvar), leaves)
+    bench(step, group=group, provider=provider, bytes_moved=nbytes, **meta)
+
+    if provider != "eager":  # untimed check against eager, after the first (compiling) call
+        ref_loss, ref_grads = likelihood_reference(likelihood, batch, dtype, device, torch.float64)
+        loss = loss_fn(recon, x, mu, logvar)
+        tol = _tolerances(dtype)
+        torch.testing.assert_close(loss.detach().float(), ref_loss, rtol=tol["rtol"], atol=0.0)
+        if provider == "compile" and likelihood == "cb":
+            return  # torch's fp32 d log C is off near lam = 1/2 (see likelihood_reference)
+        for got, want in zip(torch.autograd.grad(loss, leaves), ref_grads):
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.float(), want, **tol)
         del loss
 
 

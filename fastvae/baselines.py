@@ -6,8 +6,15 @@ tests and the benchmarks.
 * ``logits_elbo``: the same loss written on logits with ``binary_cross_entropy_with_logits``:
   the formulation handed to ``torch.compile``.
 * ``eager_reparameterize``: ``mu + exp(logvar / 2) * randn_like(mu)``.
+* ``eager_gaussian_elbo`` / ``gaussian_elbo``: a Gaussian decoder, ``-Normal(recon, sigma).log_prob(x)``
+  summed plus the KL, as a user writes it (torch.distributions, with its argument validation),
+  and the same loss written out for ``torch.compile`` (no validation: it would sync the host).
+* ``eager_cb_elbo`` / ``cb_elbo``: the continuous Bernoulli on logits through
+  ``torch.distributions.ContinuousBernoulli``, with and without argument validation.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +34,36 @@ def logits_elbo(recon_logits: Tensor, x: Tensor, mu: Tensor, logvar: Tensor) -> 
     bce = F.binary_cross_entropy_with_logits(recon_logits, x.view_as(recon_logits), reduction="sum")
     kld = 0.5 * torch.sum(mu.pow(2) + logvar.exp() - 1 - logvar)
     return bce + kld
+
+
+def _kl_sum(mu: Tensor, logvar: Tensor) -> Tensor:
+    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+
+
+def eager_gaussian_elbo(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, sigma=1.0) -> Tensor:
+    """Gaussian decoder N(x; recon, sigma^2), summed over the batch: ``-Normal.log_prob`` + KL."""
+    nll = -torch.distributions.Normal(recon, sigma).log_prob(x.view_as(recon)).sum()
+    return nll + _kl_sum(mu, logvar)
+
+
+def gaussian_elbo(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, sigma=1.0) -> Tensor:
+    """The same loss written out (what ``torch.compile`` is given)."""
+    log_sigma = torch.log(sigma) if isinstance(sigma, Tensor) else math.log(sigma)
+    z = (x.view_as(recon) - recon) / sigma
+    nll = (0.5 * z * z + log_sigma + 0.5 * math.log(2 * math.pi)).sum()
+    return nll + _kl_sum(mu, logvar)
+
+
+def eager_cb_elbo(recon_logits: Tensor, x: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """Continuous-Bernoulli decoder on logits, summed over the batch: ``-log_prob`` + KL."""
+    nll = -torch.distributions.ContinuousBernoulli(logits=recon_logits).log_prob(x.view_as(recon_logits)).sum()
+    return nll + _kl_sum(mu, logvar)
+
+
+def cb_elbo(recon_logits: Tensor, x: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """The same loss without argument validation (what ``torch.compile`` is given)."""
+    d = torch.distributions.ContinuousBernoulli(logits=recon_logits, validate_args=False)
+    return -d.log_prob(x.view_as(recon_logits)).sum() + _kl_sum(mu, logvar)
 
 
 def eager_reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
