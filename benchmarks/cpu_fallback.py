@@ -4,6 +4,10 @@ latent 20, forward + backward).
 
     python benchmarks/cpu_fallback.py                                  # avx2 and avx512, 1 and 2 threads
     python benchmarks/cpu_fallback.py --levels avx2 --threads 1 --sizes 4096
+    python benchmarks/cpu_fallback.py --likelihood cb       # or gaussian (sigma = 0.5): no floor
+
+For ``--likelihood gaussian`` / ``cb`` the providers are ``fastvae.baselines``' eager losses
+(torch.distributions ``log_prob``), ``torch.compile`` of their validation-free forms, and fastvae.
 
 Each (level, threads) runs in its own subprocess with ``ATEN_CPU_CAPABILITY`` set (it must be set
 before torch is imported); levels the CPU lacks are skipped. Within a process the providers take
@@ -26,17 +30,26 @@ import time
 FEATURES, LATENT = 784, 20
 
 
-def _child(sizes, rounds_budget):
+def _child(sizes, rounds_budget, likelihood="bernoulli"):
+    import functools
+
     import torch
 
     import fastvae
     from fastvae import _fallback
-    from fastvae.baselines import eager_elbo, logits_elbo
+    from fastvae import baselines
 
-    compiled = torch.compile(logits_elbo, dynamic=False)
+    eager, traced, kw = {
+        "bernoulli": (baselines.eager_elbo, baselines.logits_elbo, {}),
+        "gaussian": (functools.partial(baselines.eager_gaussian_elbo, sigma=0.5),
+                     functools.partial(baselines.gaussian_elbo, sigma=0.5),
+                     dict(likelihood="gaussian", sigma=0.5)),
+        "cb": (baselines.eager_cb_elbo, baselines.cb_elbo, dict(likelihood="continuous_bernoulli")),
+    }[likelihood]
+    compiled = torch.compile(traced, dynamic=False)
 
     def fastvae_loss(r, x, m, v):
-        return fastvae.elbo_loss(r, x, m, v, backend="torch")
+        return fastvae.elbo_loss(r, x, m, v, backend="torch", **kw)
 
     def floor(r):
         B = r.shape[0]
@@ -51,7 +64,9 @@ def _child(sizes, rounds_budget):
             torch.sigmoid(s, out=d[i:i + step])
         return d
 
-    providers = {"eager": eager_elbo, "compile": compiled, "fastvae": fastvae_loss, "floor": None}
+    providers = {"eager": eager, "compile": compiled, "fastvae": fastvae_loss}
+    if likelihood == "bernoulli":
+        providers["floor"] = None
     cap = torch.backends.cpu.get_cpu_capability()
     for B in sizes:
         g = torch.Generator().manual_seed(1000 + B)
@@ -82,11 +97,12 @@ def _child(sizes, rounds_budget):
         med = {n: statistics.median(t) for n, t in times.items()}
         mn = {n: min(t) for n, t in times.items()}
         cells = " ".join(f"{n}={med[n] * 1e3:.3f}/{mn[n] * 1e3:.3f}ms" for n in providers)
-        print(f"{cap} threads={torch.get_num_threads()} B={B} rounds={rounds} (median/min) {cells} | "
+        floor_txt = (f"floor vs eager {med['eager'] / med['floor']:.2f}x, vs compile "
+                     f"{med['compile'] / med['floor']:.2f}x; " if "floor" in providers else "")
+        print(f"{likelihood} {cap} threads={torch.get_num_threads()} B={B} rounds={rounds} (median/min) {cells} | "
               f"fastvae vs eager {med['eager'] / med['fastvae']:.2f}x (min {mn['eager'] / mn['fastvae']:.2f}x), "
               f"vs compile {med['compile'] / med['fastvae']:.2f}x (min {mn['compile'] / mn['fastvae']:.2f}x); "
-              f"floor vs eager {med['eager'] / med['floor']:.2f}x, vs compile {med['compile'] / med['floor']:.2f}x; "
-              f"fastvae first call {first['fastvae'] * 1e3:.1f} ms", flush=True)
+              f"{floor_txt}fastvae first call {first['fastvae'] * 1e3:.1f} ms", flush=True)
 
 
 def main(argv=None) -> int:
@@ -95,20 +111,23 @@ def main(argv=None) -> int:
     p.add_argument("--threads", default="1,2", help="torch thread counts (comma-separated)")
     p.add_argument("--sizes", default="128,4096,65536", help="batch sizes (comma-separated)")
     p.add_argument("--budget", type=float, default=10.0, help="seconds of timed calls per size (about)")
+    p.add_argument("--likelihood", default="bernoulli", choices=("bernoulli", "gaussian", "cb"),
+                   help="decoder likelihood (default: bernoulli)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.child:
         import torch
         torch.set_num_threads(int(os.environ["FASTVAE_THREADS"]))
-        _child(sizes, args.budget)
+        _child(sizes, args.budget, args.likelihood)
         return 0
     rc = 0
     for level in args.levels.split(","):
         for n in args.threads.split(","):
             env = dict(os.environ, ATEN_CPU_CAPABILITY=level, FASTVAE_THREADS=n)
             r = subprocess.run([sys.executable, __file__, "--child", "--sizes", args.sizes,
-                                "--budget", str(args.budget)], env=env).returncode
+                                "--budget", str(args.budget), "--likelihood", args.likelihood],
+                               env=env).returncode
             if r == -4 or r == 132:  # SIGILL: the CPU lacks this level's instructions
                 print(f"{level} threads={n}: this CPU cannot run ATEN_CPU_CAPABILITY={level}; skipped")
             elif r:

@@ -111,45 +111,68 @@ def _sum_log(u: Tensor) -> Tensor:
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 _LOG_2 = math.log(2.0)
 
-# continuous Bernoulli, |s| < 1 (lam near 1/2), y = s/2: log C = log 2 + y^2 P(y^2) and
-# d log C / ds = s Q(s^2), the Taylor series of log(s / tanh(s/2)) and of 1/s - 1/sinh(s), highest
-# coefficient first; they converge like (|s| / pi)^2 per term. log C: the kernel's 9 terms, 2e-11
-# relative at |s| = 1. d log C: the kernel's 6 terms leave 2.2e-7 absolute (1.5e-6 relative) at
-# |s| = 1, so 3 more (s^13, s^15, s^17): 2.3e-10 absolute
-_CB_LOG_C = (11499383114.0 / 350813659321125.0, -16931177.0 / 186080895000.0,
-             32764.0 / 127702575.0, -1414477.0 / 1915538625.0, 146.0 / 66825.0, -127.0 / 18900.0,
-             62.0 / 2835.0, -7.0 / 90.0, 1.0 / 3.0)
-_CB_DLOG_C = (5749691557.0 / 2554547108585472000.0, -16931177.0 / 762187345920000.0,
-              8191.0 / 37362124800.0, -1414477.0 / 653837184000.0, 73.0 / 3421440.0, -127.0 / 604800.0, 31.0 / 15120.0,
+# continuous Bernoulli: log C(s) = log(s / tanh(s/2)) and d log C / ds = 1/s - 1/sinh(s) (odd).
+# With a = |s| and m = -expm1(-a) = 1 - e^-a (accurate at any a), tanh(a/2) = m / (2 - m) and
+# 1/sinh(a) = 2 (1 - m) / (m (2 - m)). Near s = 0 (lam = 1/2) log C -> log 2 and the derivative is
+# a difference of two poles: below |s| = 0.75 both come from their Taylor series in z = s^2 (the
+# kernel's coefficients, y = s/2 turned into z; truncation < 1e-9 relative at 0.75), above from the
+# closed forms (fp32: ~2e-7 absolute at 0.75). log C - log 2 is what is formed per element (the
+# log 2 is added to the float64 row sums), so a row near lam = 1/2 keeps its digits.
+_CB_LOG_C = (-1414477.0 / 1915538625.0 / 4096, 146.0 / 66825.0 / 1024, -127.0 / 18900.0 / 256,
+             62.0 / 2835.0 / 64, -7.0 / 90.0 / 16, 1.0 / 3.0 / 4)
+_CB_DLOG_C = (-1414477.0 / 653837184000.0, 73.0 / 3421440.0, -127.0 / 604800.0, 31.0 / 15120.0,
               -7.0 / 360.0, 1.0 / 6.0)
-_CB_SERIES_BELOW = 1.0
+_CB_SERIES_BELOW = 0.75
+_CB_TINY = 1e-30  # |s| floor of the closed-form log C: finite at s = 0 (where the series is used)
 
 
-def _horner(z: Tensor, coefficients) -> Tensor:
-    p = torch.full_like(z, coefficients[0])
-    for c in coefficients[1:]:
-        p = p * z + c
-    return p
+def _horner(z: Tensor, coefficients, out: Tensor | None) -> Tensor:
+    """sum_k c_k z^(K-k) (coefficients highest first), written into ``out`` (None: a new tensor)."""
+    p = torch.mul(z, coefficients[0], out=out)
+    for c in coefficients[1:-1]:
+        p = torch.mul(torch.add(p, c, out=out), z, out=out)
+    return torch.add(p, coefficients[-1], out=out)
 
 
-def _cb_log_norm(s: Tensor, grad: bool) -> tuple[Tensor, Tensor | None]:
-    """(log C(s), d log C / ds or None) of the continuous Bernoulli on logits s, out of place and
-    differentiable: ``log C = log|s| + log((1 + e) / (1 - e))`` with ``e = exp(-|s|)`` and
-    ``d/ds = sign(s) (1/|s| - 2e / (1 - e^2))`` for |s| >= 1 (no overflow at any |s|), the series
-    below (both forms cancel near s = 0, lam = 1/2)."""
-    a = torch.abs(s)
-    small = a < _CB_SERIES_BELOW
-    y2 = 0.25 * s * s
-    a_big = torch.where(small, 1.0, a)           # keeps the unused branch finite (and its gradient)
-    e = torch.exp(-a_big)
-    log_c = torch.where(small, _LOG_2 + _horner(y2, _CB_LOG_C) * y2,
-                        torch.log(a_big * (1.0 + e) / (1.0 - e)))
-    if not grad:
-        return log_c, None
-    s_small = torch.where(small, s, 0.0)
-    d_big = 1.0 / a_big - 2.0 * e / (1.0 - e * e)
-    d_log_c = torch.where(small, s_small * _horner(s_small * s_small, _CB_DLOG_C),
-                          torch.where(s < 0, -d_big, d_big))
+def _blend(below: Tensor, small: Tensor, big: Tensor, out: Tensor | None) -> Tensor:
+    """small where below = 1, big where below = 0 (both finite): big + below (small - big), into
+    ``small``'s buffer (out) and then big's (the result)."""
+    d = torch.mul(torch.sub(small, big, out=out), below, out=out)
+    return torch.add(big, d, out=None if out is None else big)
+
+
+def _cb_log_norm(s: Tensor, value: bool, grad: bool, ws=None) -> tuple[Tensor | None, Tensor | None]:
+    """(log C(s) - log 2 if ``value``, d log C / ds if ``grad``) of the continuous Bernoulli on
+    logits s.
+
+    ``ws``: seven scratch tensors of s's shape for the forward's single pass, or None: out of place
+    and differentiable (the recompute path). The same ops either way, so both paths give the same
+    bits.
+    """
+    o = (lambda i: None) if ws is None else (lambda i: ws[i])
+    T = _CB_SERIES_BELOW
+    a = torch.abs(s, out=o(0))
+    below = torch.lt(a, T, out=o(1)) if ws is not None else (a < T).to(s.dtype)
+    a_small = torch.clamp(a, max=T, out=o(2))                  # the series' argument (capped)
+    z = torch.mul(a_small, a_small, out=o(3))
+    log_c = d_log_c = None
+    if grad:
+        ab = torch.clamp(a, min=T, out=o(4))                   # the closed form's (floored)
+        m = torch.neg(torch.expm1(torch.neg(ab, out=o(5)), out=o(5)), out=o(5))
+        den = torch.mul(torch.add(torch.neg(m, out=o(6)), 2.0, out=o(6)), m, out=o(6))  # m (2 - m)
+        inv_sinh = torch.div(torch.add(torch.mul(m, -2.0, out=o(5)), 2.0, out=o(5)), den, out=o(5))
+        big = torch.sub(torch.reciprocal(ab, out=o(4)), inv_sinh, out=o(4))
+        small = torch.mul(_horner(z, _CB_DLOG_C, o(6)), a_small, out=o(6))
+        d = _blend(below, small, big, o(6))
+        d_log_c = torch.mul(d, torch.sign(s, out=o(5)), out=o(4))
+    if value:
+        ac = torch.clamp(a, min=_CB_TINY, out=o(5))
+        m = torch.neg(torch.expm1(torch.neg(ac, out=o(6)), out=o(6)), out=o(6))   # 1 - e^-a
+        w = torch.add(torch.neg(m, out=o(2)), 2.0, out=o(2))                      # 1 + e^-a
+        big = torch.div(torch.mul(ac, w, out=o(5)), m, out=o(5))                  # C(s)
+        big = torch.sub(torch.log(big, out=o(5)), _LOG_2, out=o(5))
+        small = torch.mul(_horner(z, _CB_LOG_C, o(6)), z, out=o(6))
+        log_c = _blend(below, small, big, o(6))
     return log_c, d_log_c
 
 
@@ -260,19 +283,23 @@ def _gaussian_grads(s, t, sig, inv_sigma, log_norm, want, scale):
 def _continuous_bernoulli(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale) -> Tensor:
     """The continuous Bernoulli on logits: ``bce(s, t) - log C(s)`` per row (see _cb_log_norm)."""
     rows = _bernoulli_logits(s, t, None, 1.0, 0.0, ws, d_s, d_t, None, scale)
-    log_c, d_log_c = _cb_log_norm(s, d_s is not None)
+    log_c, d_log_c = _cb_log_norm(s, True, d_s is not None, [w[: s.shape[0]] for w in ws])
     if d_s is not None:
         d_s.sub_(d_log_c.mul_(scale) if scale != 1.0 else d_log_c)
-    # the row sums stay in float64: near s = 0 both terms are about D log 2 and cancel
-    return rows.sub_(log_c.sum(1, dtype=torch.float64))
+    # in float64: near s = 0 the bce and log C rows are both about D log 2 and cancel
+    return rows.sub_(log_c.sum(1, dtype=torch.float64)).sub_(s.shape[1] * _LOG_2)
 
 
 def _continuous_bernoulli_grads(s, t, sig, inv_sigma, log_norm, want, scale):
     ds, dt, _ = _bernoulli_logits_grads(s, t, None, 1.0, 0.0, want, scale)
     if ds is not None:
-        d_log_c = _cb_log_norm(s, True)[1]
+        d_log_c = _cb_log_norm(s, False, True)[1]
         ds = ds - (d_log_c * scale if scale != 1.0 else d_log_c)
     return ds, dt, None
+
+
+# scratch tensors per chunk that each likelihood's fast function uses
+_WORKSPACES = {"continuous_bernoulli": 7}
 
 
 def _likelihood(likelihood: str, from_logits: bool):
@@ -347,7 +374,8 @@ def _forward(recon, x, mu, logvar, sigma, args, want):
     bufs = [_grad_buffer(t, dt) if w else None for t, w in zip((recon, x, sigma), want)]
     chunks = _row_chunks(B, D)
     step = B if chunks[0] is None else chunks[0].stop
-    ws = [torch.empty(step, D, dtype=dt, device=recon.device) for _ in range(2)]
+    ws = [torch.empty(step, D, dtype=dt, device=recon.device)
+          for _ in range(_WORKSPACES.get(likelihood, 2))]
     t_ws = torch.empty(step, D, dtype=dt, device=recon.device) if x.dtype == torch.uint8 else None
     rec = None
     for c in chunks:
