@@ -247,13 +247,14 @@ def _gaussian(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale) -> Ten
     ``d_s = z / sigma = -d_t``, ``d_sig = (1 - z^2) / sigma``, times scale."""
     a, b = (w[: s.shape[0]] for w in ws[:2])
     D = s.shape[1]
-    if sig is None:
-        z = torch.sub(s, t, out=a).mul_(inv_sigma)
+    if sig is None:  # three passes: s - t, the gradient, the row sums of squares
+        r = torch.sub(s, t, out=a)
+        k = inv_sigma * inv_sigma
         if d_s is not None:
-            torch.mul(z, inv_sigma * scale, out=d_s)
+            torch.mul(r, k * scale, out=d_s)
         if d_t is not None:
-            torch.mul(z, -inv_sigma * scale, out=d_t)
-        rows = torch.mul(z, z, out=b).sum(1, dtype=torch.float64).mul_(0.5)
+            torch.mul(r, -k * scale, out=d_t)
+        rows = torch.mul(r, r, out=b).sum(1).double().mul_(0.5 * k)  # positive terms: fp32 sums
         return rows.add_(D * log_norm) if log_norm != 0.0 else rows
     inv = torch.reciprocal(sig, out=b)
     z = torch.sub(s, t, out=a).mul_(inv)
@@ -263,7 +264,7 @@ def _gaussian(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale) -> Ten
         torch.mul(z, inv, out=d_s).mul_(scale)
     if d_t is not None:
         torch.mul(z, inv, out=d_t).mul_(-scale)
-    rows = torch.mul(z, z, out=b).sum(1, dtype=torch.float64).mul_(0.5)
+    rows = torch.mul(z, z, out=b).sum(1).double().mul_(0.5)
     rows += torch.log(sig, out=a).sum(1, dtype=torch.float64)
     return rows.add_(D * _LOG_SQRT_2PI)
 
@@ -271,9 +272,9 @@ def _gaussian(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale) -> Ten
 def _gaussian_grads(s, t, sig, inv_sigma, log_norm, want, scale):
     # the arithmetic of _gaussian, out of place
     if sig is None:
-        z = (s - t) * inv_sigma
-        return ((z * (inv_sigma * scale) if want[0] else None),
-                (z * (-inv_sigma * scale) if want[1] else None), None)
+        r = s - t
+        k = inv_sigma * inv_sigma
+        return (r * (k * scale) if want[0] else None), (r * (-k * scale) if want[1] else None), None
     inv = torch.reciprocal(sig)
     z = (s - t) * inv
     return ((z * inv * scale if want[0] else None), (z * inv * -scale if want[1] else None),
