@@ -202,40 +202,58 @@ def capture_launches():
     try:
         dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
         # ---- ELBO
+        def elbo_call(dname, dt, xkind, likelihood, from_logits, reduction, mode, sigma=None, free_bits=0.0):
+            recon = _aligned(torch.empty(B, N, dtype=dt))
+            x = _aligned(torch.empty(B, N, dtype=dt) if xkind == "float"
+                         else torch.empty(B, N, dtype=torch.uint8))
+            mu = _aligned(torch.empty(B, L, dtype=dt))
+            lv = _aligned(torch.empty(B, L, dtype=dt))
+            grad = mode != "no_grad"
+            for t in (recon, mu, lv):
+                t.requires_grad_(grad)
+            x.requires_grad_(mode == "x_grad")
+            roles = {recon.data_ptr(): "recon", x.data_ptr(): "x", mu.data_ptr(): "mu",
+                     lv.data_ptr(): "logvar"}
+            if sigma == "tensor":  # a learned per-pixel sigma
+                sigma = _aligned(torch.empty(N, dtype=dt)).requires_grad_(grad)
+                roles[sigma.data_ptr()] = "sigma"
+            if grad:
+                for name, t in (("d_recon", recon), ("d_x", x), ("d_mu", mu), ("d_logvar", lv),
+                                ("d_sigma", sigma)):
+                    if isinstance(t, torch.Tensor) and t.requires_grad:
+                        t.register_hook(_role_hook(roles, name))
+            lik = likelihood if likelihood != "bernoulli" else ("logits" if from_logits else "probs")
+            extra = (" sigma=tensor" if isinstance(sigma, torch.Tensor) else "") + (
+                f" free_bits={free_bits}" if free_bits else "")
+            call = (f"elbo {dname} x={'uint8' if xkind == 'uint8' else dname} {lik} {reduction} "
+                    f"{mode}{extra}")
+            current.update(call=call, roles=roles)
+            with torch.set_grad_enabled(grad):
+                loss = fastvae.elbo_loss(recon, x, mu, lv, reduction=reduction, beta=1.0,
+                                         likelihood=likelihood, sigma=sigma, free_bits=free_bits,
+                                         from_logits=from_logits, backend="triton")
+            roles[loss.data_ptr()] = "loss"
+            if grad:
+                g = _aligned(torch.ones_like(loss))
+                roles[g.data_ptr()] = "grad_out"
+                loss.backward(g)
+            current["keep"] = current.get("keep", []) + [recon, x, mu, lv, loss, sigma]
+
         for dname, dt in dtypes.items():
             for xkind in ("float", "uint8"):
                 for from_logits in (True, False):
-                    for reduction in ("sum", "mean", "none"):
+                    for reduction in ("sum", "batchmean", "none"):
                         for mode in ("no_grad", "grad", "x_grad"):
                             if mode == "x_grad" and xkind == "uint8":
                                 continue
-                            recon = _aligned(torch.empty(B, N, dtype=dt))
-                            x = _aligned(torch.empty(B, N, dtype=dt) if xkind == "float"
-                                         else torch.empty(B, N, dtype=torch.uint8))
-                            mu = _aligned(torch.empty(B, L, dtype=dt))
-                            lv = _aligned(torch.empty(B, L, dtype=dt))
-                            grad = mode != "no_grad"
-                            for t in (recon, mu, lv):
-                                t.requires_grad_(grad)
-                            x.requires_grad_(mode == "x_grad")
-                            roles = {recon.data_ptr(): "recon", x.data_ptr(): "x", mu.data_ptr(): "mu",
-                                     lv.data_ptr(): "logvar"}
-                            if grad:
-                                for name, t in (("d_recon", recon), ("d_x", x), ("d_mu", mu), ("d_logvar", lv)):
-                                    if t.requires_grad:
-                                        t.register_hook(_role_hook(roles, name))
-                            call = (f"elbo {dname} x={'uint8' if xkind == 'uint8' else dname} "
-                                    f"{'logits' if from_logits else 'probs'} {reduction} {mode}")
-                            current.update(call=call, roles=roles)
-                            with torch.set_grad_enabled(grad):
-                                loss = fastvae.elbo_loss(recon, x, mu, lv, reduction=reduction, beta=1.0,
-                                                         from_logits=from_logits, backend="triton")
-                            roles[loss.data_ptr()] = "loss"
-                            if grad:
-                                g = _aligned(torch.ones_like(loss))
-                                roles[g.data_ptr()] = "grad_out"
-                                loss.backward(g)
-                            current["keep"] = current.get("keep", []) + [recon, x, mu, lv, loss]
+                            elbo_call(dname, dt, xkind, "bernoulli", from_logits, reduction, mode)
+            # the other likelihoods, free bits and a learned sigma (each with the flat and the row tiling)
+            for reduction in ("sum", "none"):
+                for mode in ("no_grad", "grad", "x_grad"):
+                    elbo_call(dname, dt, "float", "gaussian", True, reduction, mode, sigma=0.5)
+                    elbo_call(dname, dt, "float", "continuous_bernoulli", True, reduction, mode)
+                elbo_call(dname, dt, "float", "gaussian", True, reduction, "grad", sigma="tensor")
+                elbo_call(dname, dt, "float", "bernoulli", True, reduction, "grad", free_bits=0.5)
         # ---- reparameterize
         for dname, dt in dtypes.items():
             for has_eps in (True, False):

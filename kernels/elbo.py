@@ -1,21 +1,31 @@
-"""Triton kernels and launchers for the VAE loss: Bernoulli BCE summed over pixels + beta * Gaussian KL.
+"""Triton kernels and launchers for the VAE loss: reconstruction NLL summed over pixels + beta * KL.
 
-Per sample i:   loss_i = sum_j bce(recon_ij, x_ij) + beta * 0.5 * sum_k (mu_ik^2 + exp(lv_ik) - 1 - lv_ik)
+Per sample i (the per-pixel math of every likelihood is in ``likelihoods.py``):
 
-Single pass. When a gradient will be needed, the forward kernel also writes the gradients of the
-loss with grad_output = 1 (d recon, d x if asked, d mu, d logvar) while each tile is in registers:
-fp32 moves 12 bytes per pixel (read recon and x, write d recon) instead of the 20 of a forward and
-a separate backward pass. The backward only has to multiply by grad_output: ``scale_grads_`` reads
-grad_output on the device (no host sync) and every program returns at once when it is 1, so a
-plain ``loss.backward()`` moves no bytes at all; otherwise it scales the op's own buffers in place.
+    rec_i = sum_j nll(recon_ij, x_ij),   kl_i = sum_k 0.5 (mu_ik^2 + exp(lv_ik) - 1 - lv_ik),
+    kl_eff_i = sum_k (kl_ik if dimension k is active else free_bits),   loss_i = rec_i + beta kl_eff_i
+
+(with free bits, dimension k is active when its KL averaged over the batch exceeds the floor;
+without, kl_eff = kl). The op's output is the four of them, reduced over the batch ("sum",
+"batchmean") or per row ("none"): the loss and its logged components come from one pass.
+
+Single pass. When a gradient will be needed, the forward kernel also writes, while each tile is in
+registers, the gradients of the reconstruction (d recon, d x and d sigma if asked) and of the
+unweighted KL (d mu, d logvar), times d loss / d row (1, or 1/B): fp32 moves 12 bytes per pixel
+(read recon and x, write d recon) instead of the 20 of a forward and a separate backward pass. The
+backward multiplies them in place by their factors, read on the device (no host sync):
+``g0 + g1`` for the pixel gradients and ``(beta g0 + g3) active_k + g2`` for the latent ones, with
+g the grad_output of (loss, reconstruction, kl, kl_eff); a tile whose factors are all 1 is left
+untouched, so a plain ``loss.backward()`` with beta = 1 moves no further bytes (with beta != 1 it
+rewrites d mu and d logvar: 16 bytes per latent, against 12 per pixel).
 
 Two tilings:
 
-* flat (``sum``/``mean`` on contiguous inputs): the BCE needs no per-row sums, so recon and x are
-  walked as 1-D arrays, ``ITERS`` blocks of ``BLOCK`` elements per program with no masked lanes
-  but in the last program, then the latents likewise; each program writes one fp32 partial sum.
-* rows (``none``, or strided inputs): a program owns ``BLOCK_M`` whole rows and walks them in
-  ``BLOCK_N``-wide column blocks; it writes the per-row losses, or one partial sum.
+* flat (``sum``/``batchmean`` on contiguous inputs, a number for sigma, no free bits): recon and x
+  are walked as 1-D arrays, ``ITERS`` blocks of ``BLOCK`` elements per program with no masked
+  lanes but in the last program, then the latents likewise; each program writes its partial sums.
+* rows (``none``, strided inputs, a sigma tensor, free bits): a program owns ``BLOCK_M`` whole rows
+  and walks them in ``BLOCK_N``-wide column blocks; it writes the per-row values, or partial sums.
 
 Partial sums are added by one program in a fixed order (two-stage reduction, no atomics): the loss
 is bitwise reproducible. Offsets are int64, accumulation fp32, and every store offset is computed
@@ -34,6 +44,9 @@ _FLAT_BLOCK = 2048
 _FLAT_ITERS = 2
 _FLAT_WARPS = 8
 _SUM_BLOCK = 1024
+# the backward's scaling walks the pixels in flat blocks of _FLAT_BLOCK and the latents in tiles of
+# _LAT_TILE elements (rows x dimensions): tiles of 2048 took up to 108 registers (25% occupancy)
+_LAT_TILE = 1024
 # row tiling: BLOCK_M rows x BLOCK_N columns per step (784 columns: 7 steps of 128, 12% masked);
 # with 8 warps a thread holds 4 elements per stream and step: 128-bit accesses in fp32, 64-bit in
 # bf16/fp16, where 8 elements (128-bit) would take up to 72 registers (below 50% occupancy)
@@ -42,18 +55,18 @@ _MAX_BLOCK_N = 128
 _MAX_BLOCK_L = 64
 
 
-from .likelihoods import decoder_nll, gaussian_kl, likelihood_code
+from .likelihoods import BERNOULLI_PROBS, CONT_BERNOULLI, decoder_nll, gaussian_kl, likelihood_code
 
 # ---- forward (+ gradients): flat tiling -----------------------------------------------------------
 
 @triton.jit
-def _latent_terms(mu, lv, act_ptr, offs, m, L, free_bits, FREE_BITS: tl.constexpr):
-    # (kl, kl_eff, d kl / d mu, d kl / d lv) of latents at flat indices `offs` of a [B, L] array:
-    # with free bits, a dimension whose batch-mean KL is below the floor counts free_bits instead
+def _latent_terms(mu, lv, act_ptr, dims, m, free_bits, FREE_BITS: tl.constexpr):
+    # (kl, kl_eff, d kl / d mu, d kl / d lv) of latents of dimensions `dims` (masked by m): with
+    # free bits, a dimension whose batch-mean KL is below the floor counts free_bits instead
     kl, dmu, dlv = gaussian_kl(mu, lv)
     kl = tl.where(m, kl, 0.0)
     if FREE_BITS:
-        active = tl.load(act_ptr + offs % L, mask=m, other=0.0)
+        active = tl.load(act_ptr + dims, mask=m, other=0.0)
         kl_eff = tl.where(m, tl.where(active != 0.0, kl, free_bits), 0.0)
     else:
         kl_eff = kl
@@ -62,15 +75,15 @@ def _latent_terms(mu, lv, act_ptr, offs, m, L, free_bits, FREE_BITS: tl.constexp
 
 @triton.jit
 def _elbo_flat_kernel(
-    recon_ptr, x_ptr, mu_ptr, logvar_ptr, act_ptr, partial_ptr,
+    recon_ptr, x_ptr, mu_ptr, logvar_ptr, partial_ptr,
     drecon_ptr, dx_ptr, dmu_ptr, dlogvar_ptr,
-    n_pix, n_lat, L, pix_programs, programs,
-    inv_sigma, log_norm, free_bits, scale,
+    n_pix, n_lat, pix_programs, programs,
+    inv_sigma, log_norm, scale,
     LIKELIHOOD: tl.constexpr, X_U8: tl.constexpr, GRAD: tl.constexpr, X_GRAD: tl.constexpr,
-    FREE_BITS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+    BLOCK: tl.constexpr, ITERS: tl.constexpr,
 ):
     # programs [0, pix_programs) walk the pixels, the rest the latents; each writes its three
-    # fp32 partial sums (reconstruction, kl, kl_eff) to partial[0..2, pid]. `scale` is
+    # fp32 partial sums (reconstruction, kl, kl_eff = kl: no free bits here) to partial[0..2, pid]. `scale` is
     # d loss / d row loss (1, or 1/B for "batchmean"), folded into the stored gradients, which are
     # those of the reconstruction and of the (unweighted) KL: the backward applies beta.
     pid = tl.program_id(0)
@@ -96,22 +109,21 @@ def _elbo_flat_kernel(
         tl.store(partial_ptr + 2 * programs + pid, 0.0)
     else:
         kacc = tl.zeros([BLOCK], dtype=tl.float32)
-        eacc = tl.zeros([BLOCK], dtype=tl.float32)
         start = (pid - pix_programs).to(tl.int64) * (BLOCK * ITERS)
         for i in range(ITERS):
             offs = start + i * BLOCK + lanes
             m = offs < n_lat
             mu = tl.load(mu_ptr + offs, mask=m, other=0).to(tl.float32)
             lv = tl.load(logvar_ptr + offs, mask=m, other=0).to(tl.float32)
-            kl, kl_eff, dmu, dlv = _latent_terms(mu, lv, act_ptr, offs, m, L, free_bits, FREE_BITS)
-            kacc += kl
-            eacc += kl_eff
+            kl, dmu, dlv = gaussian_kl(mu, lv)
+            kacc += tl.where(m, kl, 0.0)
             if GRAD:
                 tl.store(dmu_ptr + offs, (dmu * scale).to(dmu_ptr.dtype.element_ty), mask=m)
                 tl.store(dlogvar_ptr + offs, (dlv * scale).to(dlogvar_ptr.dtype.element_ty), mask=m)
         tl.store(partial_ptr + pid, 0.0)
-        tl.store(partial_ptr + programs + pid, tl.sum(kacc, axis=0))
-        tl.store(partial_ptr + 2 * programs + pid, tl.sum(eacc, axis=0))
+        kl_sum = tl.sum(kacc, axis=0)
+        tl.store(partial_ptr + programs + pid, kl_sum)
+        tl.store(partial_ptr + 2 * programs + pid, kl_sum)
 
 
 # ---- forward (+ gradients): row tiling, any strides -------------------------------------------------
@@ -171,11 +183,11 @@ def _elbo_rows_kernel(
                      mask=m, other=0).to(tl.float32)
         lv = tl.load(logvar_ptr + rows[:, None] * stride_vb + cols[None, :] * stride_vl,
                      mask=m, other=0).to(tl.float32)
-        out = rows[:, None] * L + cols[None, :]
-        kl, kl_eff, dmu, dlv = _latent_terms(mu, lv, act_ptr, out, m, L, free_bits, FREE_BITS)
+        kl, kl_eff, dmu, dlv = _latent_terms(mu, lv, act_ptr, cols[None, :], m, free_bits, FREE_BITS)
         kacc += kl
         eacc += kl_eff
         if GRAD:
+            out = rows[:, None] * L + cols[None, :]
             tl.store(dmu_ptr + out, (dmu * scale).to(dmu_ptr.dtype.element_ty), mask=m)
             tl.store(dlogvar_ptr + out, (dlv * scale).to(dlogvar_ptr.dtype.element_ty), mask=m)
     kl = tl.sum(kacc, axis=1)
@@ -226,31 +238,36 @@ def _row_g(g_ptr, stride_gc, stride_gb, rows, m, C: tl.constexpr):
 
 @triton.jit
 def _must_scale(f):
-    # a slice whose factors are all exactly 1 is left untouched (NaN != 1: it is scaled)
-    return tl.sum((f != 1.0).to(tl.int32), axis=0) != 0
+    # a tile whose factors are all exactly 1 is left untouched (NaN != 1: it is scaled)
+    return tl.sum(tl.ravel((f != 1.0).to(tl.int32)), axis=0) != 0
 
 
 @triton.jit
 def _scale_grads_kernel(
     g_ptr, stride_gc, stride_gb, act_ptr,
     a_ptr, b_ptr, c_ptr, d_ptr, e_ptr,
-    n_pix, n_lat, N, L, pix_programs, beta,
-    HAS_B: tl.constexpr, HAS_C: tl.constexpr, FREE_BITS: tl.constexpr, BLOCK: tl.constexpr,
+    n_pix, B, N, L, pix_programs, beta,
+    HAS_B: tl.constexpr, HAS_C: tl.constexpr, FREE_BITS: tl.constexpr, PER_ROW: tl.constexpr,
+    BLOCK: tl.constexpr, LAT_ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     # In place, for the forward's contiguous gradients and g, the grad_output of the op's output
     # (loss, reconstruction, kl, kl_eff) per row (or one scalar each, stride_gb = 0):
     #   pixel buffers a, b, c (d recon, d x, d sigma) [B, N]  *= g0 + g1
     #   latent buffers d, e (d mu, d logvar) [B, L]          *= (beta g0 + g3) active_k + g2
-    # A program whose factors are all 1 returns before touching its slice, so a plain
-    # loss.backward() with beta = 1 moves no bytes.
+    # Pixels are walked flat, BLOCK per program; latents in tiles of LAT_ROWS rows x BLOCK_L
+    # dimensions. A tile whose factors are all 1 is left untouched, so a plain loss.backward()
+    # with beta = 1 moves no bytes.
     pid = tl.program_id(0)
-    lanes = tl.arange(0, BLOCK).to(tl.int64)
     if pid < pix_programs:
-        offs = pid.to(tl.int64) * BLOCK + lanes
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         m = offs < n_pix
-        rows = offs // N
-        f = _row_g(g_ptr, stride_gc, stride_gb, rows, m, 0) + _row_g(g_ptr, stride_gc, stride_gb, rows, m, 1)
-        f = tl.where(m, f, 1.0)
+        if PER_ROW:
+            rows = offs // N
+            f = _row_g(g_ptr, stride_gc, stride_gb, rows, m, 0) + _row_g(g_ptr, stride_gc, stride_gb, rows, m, 1)
+            f = tl.where(m, f, 1.0)
+        else:  # one scalar each: no per-element gathers
+            f = tl.load(g_ptr).to(tl.float32) + tl.load(g_ptr + stride_gc).to(tl.float32)
+            f = tl.where(m, f, 1.0)
         if _must_scale(f):
             va = tl.load(a_ptr + offs, mask=m, other=0).to(tl.float32)
             tl.store(a_ptr + offs, (va * f).to(a_ptr.dtype.element_ty), mask=m)
@@ -262,18 +279,25 @@ def _scale_grads_kernel(
                 tl.store(c_ptr + offs, (vc * f).to(c_ptr.dtype.element_ty), mask=m)
     else:
         beta = tl.cast(beta, tl.float32)
-        offs = (pid - pix_programs).to(tl.int64) * BLOCK + lanes
-        m = offs < n_lat
-        rows = offs // L
-        w = beta * _row_g(g_ptr, stride_gc, stride_gb, rows, m, 0) + _row_g(g_ptr, stride_gc, stride_gb, rows, m, 3)
-        if FREE_BITS:
-            w = w * tl.load(act_ptr + offs % L, mask=m, other=0.0)
-        f = tl.where(m, w + _row_g(g_ptr, stride_gc, stride_gb, rows, m, 2), 1.0)
-        if _must_scale(f):
-            vd = tl.load(d_ptr + offs, mask=m, other=0).to(tl.float32)
-            tl.store(d_ptr + offs, (vd * f).to(d_ptr.dtype.element_ty), mask=m)
-            ve = tl.load(e_ptr + offs, mask=m, other=0).to(tl.float32)
-            tl.store(e_ptr + offs, (ve * f).to(e_ptr.dtype.element_ty), mask=m)
+        lrows = (pid - pix_programs).to(tl.int64) * LAT_ROWS + tl.arange(0, LAT_ROWS).to(tl.int64)
+        lrow_ok = lrows < B
+        w = beta * _row_g(g_ptr, stride_gc, stride_gb, lrows, lrow_ok, 0) + _row_g(g_ptr, stride_gc, stride_gb, lrows, lrow_ok, 3)
+        g2 = _row_g(g_ptr, stride_gc, stride_gb, lrows, lrow_ok, 2)
+        for l0 in range(0, L, BLOCK_L):
+            lcols = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
+            lm = lrow_ok[:, None] & (lcols < L)[None, :]
+            if FREE_BITS:
+                act = tl.load(act_ptr + lcols, mask=lcols < L, other=0.0)
+                lf = w[:, None] * act[None, :] + g2[:, None]
+            else:
+                lf = w[:, None] + g2[:, None] + tl.zeros([LAT_ROWS, BLOCK_L], dtype=tl.float32)
+            lf = tl.where(lm, lf, 1.0)
+            if _must_scale(lf):
+                loffs = lrows[:, None] * L + lcols[None, :]
+                vd = tl.load(d_ptr + loffs, mask=lm, other=0).to(tl.float32)
+                tl.store(d_ptr + loffs, (vd * lf).to(d_ptr.dtype.element_ty), mask=lm)
+                ve = tl.load(e_ptr + loffs, mask=lm, other=0).to(tl.float32)
+                tl.store(e_ptr + loffs, (ve * lf).to(e_ptr.dtype.element_ty), mask=lm)
 
 
 # ---- launchers ---------------------------------------------------------------------------------
@@ -330,6 +354,7 @@ def elbo_forward(kernel_launch, recon, x, mu, logvar, sigma, inv_sigma: float, l
     dmu = buffer((B, L), grad, mu)
     dlogvar = buffer((B, L), grad, logvar)
     act = active_dims(mu, logvar, free_bits) if free_bits > 0 else torch.empty(0, device=dev)
+    # the flat tiling has no free bits (its latent partial sums are whole-batch sums of the KL)
     # a pointer that is never written stands in for a buffer that is not asked for
     act_ptr = act if free_bits > 0 else mu
     sigma_ptr = sigma if sigma is not None else recon
@@ -337,17 +362,21 @@ def elbo_forward(kernel_launch, recon, x, mu, logvar, sigma, inv_sigma: float, l
             dlogvar if grad else logvar)
     scale = 1.0 / B if reduction == "batchmean" else 1.0
     flags = dict(LIKELIHOOD=likelihood_code(likelihood, from_logits), X_U8=x.dtype == torch.uint8,
-                 GRAD=grad, X_GRAD=x_grad, FREE_BITS=free_bits > 0)
+                 GRAD=grad, X_GRAD=x_grad)
 
-    if reduction != "none" and sigma is None and _flat(recon, x, mu, logvar):
-        per = _FLAT_BLOCK * _FLAT_ITERS
+    if reduction != "none" and sigma is None and free_bits == 0 and _flat(recon, x, mu, logvar):
+        # the heavier likelihoods (probabilities, continuous Bernoulli) hold 4 elements per thread
+        # and stream instead of 8, to stay at or above 50% occupancy
+        block = _FLAT_BLOCK // 2 if flags["LIKELIHOOD"] in (BERNOULLI_PROBS, CONT_BERNOULLI) else _FLAT_BLOCK
+        iters = _FLAT_BLOCK * _FLAT_ITERS // block
+        per = block * iters
         pix_programs = triton.cdiv(B * N, per)
         programs = pix_programs + triton.cdiv(B * L, per)
         partial = torch.empty((3, programs), device=dev, dtype=torch.float32)
         kernel_launch(_elbo_flat_kernel)[(programs,)](
-            recon, x, mu, logvar, act_ptr, partial, *ptrs, B * N, B * L, L, pix_programs, programs,
-            float(inv_sigma), float(log_norm), float(free_bits), scale,
-            **flags, BLOCK=_FLAT_BLOCK, ITERS=_FLAT_ITERS, num_warps=_FLAT_WARPS,
+            recon, x, mu, logvar, partial, *ptrs, B * N, B * L, pix_programs, programs,
+            float(inv_sigma), float(log_norm), scale,
+            **flags, BLOCK=block, ITERS=iters, num_warps=_FLAT_WARPS,
         )
     else:
         block_m, block_n, block_l = _row_blocks(N, L)
@@ -362,7 +391,8 @@ def elbo_forward(kernel_launch, recon, x, mu, logvar, sigma, inv_sigma: float, l
             sigma_ptr.stride(0), sigma_ptr.stride(1),
             mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1),
             float(inv_sigma), float(log_norm), float(beta), float(free_bits), scale, **flags,
-            SIGMA_PTR=sigma is not None, SIGMA_GRAD=sigma_grad, PARTIAL=reduction != "none",
+            SIGMA_PTR=sigma is not None, SIGMA_GRAD=sigma_grad, FREE_BITS=free_bits > 0,
+            PARTIAL=reduction != "none",
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_L=block_l, num_warps=8,
         )
         if reduction == "none":
@@ -382,11 +412,14 @@ def scale_grads_(kernel_launch, grad, beta: float, drecon, dx, dsigma, dmu, dlog
     L = dmu.shape[1]
     stride_gb = 0 if grad.dim() == 1 else grad.stride(1)
     pix_programs = triton.cdiv(B * N, _FLAT_BLOCK)
-    programs = pix_programs + triton.cdiv(B * L, _FLAT_BLOCK)
+    block_l = min(_MAX_BLOCK_L, triton.next_power_of_2(max(L, 1)))
+    lat_rows = _LAT_TILE // block_l
+    programs = pix_programs + triton.cdiv(B, lat_rows)
     has_b, has_c = dx.numel() > 0, dsigma.numel() > 0
     kernel_launch(_scale_grads_kernel)[(programs,)](
         grad, grad.stride(0), stride_gb, act if act.numel() else dmu,
         drecon, dx if has_b else drecon, dsigma if has_c else drecon, dmu, dlogvar,  # never touched
-        B * N, B * L, N, L, pix_programs, float(beta),
-        HAS_B=has_b, HAS_C=has_c, FREE_BITS=act.numel() > 0, BLOCK=_FLAT_BLOCK, num_warps=_FLAT_WARPS,
+        B * N, B, N, L, pix_programs, float(beta),
+        HAS_B=has_b, HAS_C=has_c, FREE_BITS=act.numel() > 0, PER_ROW=grad.dim() == 2, BLOCK=_FLAT_BLOCK,
+        LAT_ROWS=lat_rows, BLOCK_L=block_l, num_warps=_FLAT_WARPS,
     )

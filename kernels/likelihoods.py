@@ -123,11 +123,11 @@ def decoder_nll(s, t, inv_sigma, log_norm, LIKELIHOOD: tl.constexpr):
         dt = -s
         dsig = ds
     elif LIKELIHOOD == 1:  # BERNOULLI_PROBS
-        logp = tl.maximum(tl.log(s), -100.0)
-        log1mp = tl.maximum(tl.log(1.0 - s), -100.0)
+        # the clamp keeps NaN: invalid probabilities (outside [0, 1], NaN) give NaN, never a
+        # finite loss (log of a negative number is NaN)
+        logp = tl.maximum(tl.log(s), -100.0, propagate_nan=tl.PropagateNan.ALL)
+        log1mp = tl.maximum(tl.log(1.0 - s), -100.0, propagate_nan=tl.PropagateNan.ALL)
         nll = -(t * logp + (1.0 - t) * log1mp)
-        # invalid probabilities (outside [0, 1], NaN) give NaN: never a finite loss
-        nll = tl.where((s >= 0.0) & (s <= 1.0), nll, float("nan"))
         ds = (s - t) / tl.maximum(s * (1.0 - s), 1e-12)
         dt = log1mp - logp
         dsig = ds

@@ -33,6 +33,16 @@ REPARAM_CASES = [
     ("reparam-eps-grad", "reparam", dict(eps="grad")),
     ("reparam-drawn", "reparam", dict(eps="drawn")),
 ]
+# the other likelihoods, a learned sigma, free bits and the components
+ELBO_CASES += [
+    ("elbo-gaussian-sum", "elbo", dict(from_logits=True, reduction="sum", x="float", likelihood="gaussian")),
+    ("elbo-gaussian-sigma-grad-none", "elbo",
+     dict(from_logits=True, reduction="none", x="float", likelihood="gaussian", sigma="grad")),
+    ("elbo-cb-batchmean", "elbo",
+     dict(from_logits=True, reduction="batchmean", x="x_grad", likelihood="continuous_bernoulli")),
+    ("elbo-free-bits-components", "elbo",
+     dict(from_logits=True, reduction="sum", x="float", free_bits=0.5, components=True)),
+]
 CASES = ELBO_CASES + REPARAM_CASES
 
 TRACE = r'''
@@ -145,10 +155,17 @@ def trace(case):
         mu = torch.randn(B, L, requires_grad=True)
         lv = torch.randn(B, L, requires_grad=True)
         args, names = (recon, x, mu, lv), ("recon", "x", "mu", "logvar")
+        if kw.get("sigma") == "grad":  # a learned per-pixel sigma
+            args, names = args + (torch.rand(N, requires_grad=True) + 0.5,), names + ("sigma",)
 
-        def f(recon, x, mu, lv):
-            return fastvae.elbo_loss(recon, x, mu, lv, reduction=kw["reduction"],
-                                     from_logits=kw["from_logits"], backend="triton")
+        def f(recon, x, mu, lv, sigma=None):
+            out = fastvae.elbo_loss(recon, x, mu, lv, reduction=kw["reduction"],
+                                    likelihood=kw.get("likelihood", "bernoulli"), sigma=sigma,
+                                    free_bits=kw.get("free_bits", 0.0),
+                                    return_components=kw.get("components", False),
+                                    from_logits=kw["from_logits"], backend="triton")
+            # with components, a loss made of all three
+            return out.loss + out.reconstruction + 0.5 * out.kl if kw.get("components") else out
     else:
         mu = torch.randn(B, L, requires_grad=True)
         lv = torch.randn(B, L, requires_grad=True)

@@ -26,18 +26,30 @@ def test_ops_are_registered_and_pass_opcheck():
         recon, x, mu, logvar = _elbo_args(device, from_logits=from_logits)
         for t in (recon, mu, logvar):
             t.requires_grad_()
-        for reduction in ("sum", "none"):
+        for reduction in ("sum", "batchmean", "none"):
             for grad, x_grad in ((True, False), (True, True), (False, False)):
+                lik = "bernoulli" if from_logits or reduction != "none" else "continuous_bernoulli"
                 torch.library.opcheck(torch.ops.fastvae.elbo.default,
-                                      (recon, x, mu, logvar, 0.5, from_logits, reduction, grad, x_grad),
+                                      (recon, x, mu, logvar, None, 1.0, 0.0, 0.5, 0.0, lik,
+                                       from_logits or lik != "bernoulli", reduction, grad, x_grad, False),
                                       test_utils=checks)
+    # a learned sigma (Gaussian) and free bits
+    recon, x, mu, logvar = _elbo_args(device)
+    sigma = (torch.rand(30, device=device) + 0.5).expand(6, 30).requires_grad_()
+    for reduction in ("sum", "none"):
+        torch.library.opcheck(torch.ops.fastvae.elbo.default,
+                              (recon, x, mu, logvar, sigma, 1.0, 0.0, 1.0, 0.3, "gaussian", True,
+                               reduction, True, False, True), test_utils=checks)
     # the backward's in-place scaling op (declared mutating)
     B, N, L = 6, 30, 4
     bufs = [torch.randn(B, N, device=device), torch.randn(B, N, device=device),
-            torch.randn(B, L, device=device), torch.randn(B, L, device=device)]
-    for g in (torch.tensor(-0.5, device=device), torch.randn(B, device=device)):
-        torch.library.opcheck(torch.ops.fastvae.elbo_scale_grads_.default,
-                              (g, *[b.clone() for b in bufs]), test_utils=checks)
+            torch.randn(B, N, device=device), torch.randn(B, L, device=device),
+            torch.randn(B, L, device=device)]
+    active = torch.tensor([1.0, 0.0, 1.0, 1.0], device=device)
+    for g in (torch.tensor([-0.5, 0.2, 0.0, 1.5], device=device), torch.randn(4, B, device=device)):
+        for act in (active, torch.empty(0, device=device)):
+            torch.library.opcheck(torch.ops.fastvae.elbo_scale_grads_.default,
+                                  (g, 0.7, *[b.clone() for b in bufs], act), test_utils=checks)
     mu = torch.randn(5, 3, device=device, requires_grad=True)
     logvar = torch.randn(5, 3, device=device, requires_grad=True)
     eps = torch.randn(5, 3, device=device)
