@@ -128,7 +128,7 @@ _CB_LOG_C = (-1414477.0 / 1915538625.0 / 4096, 146.0 / 66825.0 / 1024, -127.0 / 
 _CB_DLOG_C = (-1414477.0 / 653837184000.0, 73.0 / 3421440.0, -127.0 / 604800.0, 31.0 / 15120.0,
               -7.0 / 360.0, 1.0 / 6.0)
 _CB_SERIES_BELOW = 0.75
-_CB_TINY = 1e-30  # |s| floor of the closed-form log C: finite at s = 0 (where the series is used)
+_CB_TINY = 1e-12  # |s| floor of the closed forms: finite (with finite derivatives) at s = 0
 
 
 def _horner(z: Tensor, coefficients, out: Tensor | None) -> Tensor:
@@ -152,32 +152,35 @@ def _cb_log_norm(s: Tensor, value: bool, grad: bool, ws=None) -> tuple[Tensor | 
 
     ``ws``: seven scratch tensors of s's shape for the forward's single pass, or None: out of place
     and differentiable (the recompute path). The same ops either way, so both paths give the same
-    bits.
+    bits. One expm1 serves both branches and both results.
     """
     o = (lambda i: None) if ws is None else (lambda i: ws[i])
     T = _CB_SERIES_BELOW
-    a = torch.abs(s, out=o(0))
+    a = torch.clamp(torch.abs(s, out=o(0)), min=_CB_TINY, out=o(0))
     below = torch.lt(a, T, out=o(1)) if ws is not None else (a < T).to(s.dtype)
     a_small = torch.clamp(a, max=T, out=o(2))                  # the series' argument (capped)
     z = torch.mul(a_small, a_small, out=o(3))
+    m = torch.neg(torch.expm1(torch.neg(a, out=o(4)), out=o(4)), out=o(4))     # 1 - e^-a
+    w = torch.add(torch.neg(m, out=o(5)), 2.0, out=o(5))                      # 1 + e^-a
     log_c = d_log_c = None
-    if grad:
-        ab = torch.clamp(a, min=T, out=o(4))                   # the closed form's (floored)
-        m = torch.neg(torch.expm1(torch.neg(ab, out=o(5)), out=o(5)), out=o(5))
-        den = torch.mul(torch.add(torch.neg(m, out=o(6)), 2.0, out=o(6)), m, out=o(6))  # m (2 - m)
-        inv_sinh = torch.div(torch.add(torch.mul(m, -2.0, out=o(5)), 2.0, out=o(5)), den, out=o(5))
-        big = torch.sub(torch.reciprocal(ab, out=o(4)), inv_sinh, out=o(4))
-        small = torch.mul(_horner(z, _CB_DLOG_C, o(6)), a_small, out=o(6))
-        d = _blend(below, small, big, o(6))
-        d_log_c = torch.mul(d, torch.sign(s, out=o(5)), out=o(4))
     if value:
-        ac = torch.clamp(a, min=_CB_TINY, out=o(5))
-        m = torch.neg(torch.expm1(torch.neg(ac, out=o(6)), out=o(6)), out=o(6))   # 1 - e^-a
-        w = torch.add(torch.neg(m, out=o(2)), 2.0, out=o(2))                      # 1 + e^-a
-        big = torch.div(torch.mul(ac, w, out=o(5)), m, out=o(5))                  # C(s)
-        big = torch.sub(torch.log(big, out=o(5)), _LOG_2, out=o(5))
-        small = torch.mul(_horner(z, _CB_LOG_C, o(6)), z, out=o(6))
-        log_c = _blend(below, small, big, o(6))
+        big = torch.div(torch.mul(a, w, out=o(6)), m, out=o(6))                # C(s)
+        big = torch.sub(torch.log(big, out=o(6)), _LOG_2, out=o(6))
+    if grad:
+        # 1/sinh(a) = (2/m - 2) / w, then the closed form (1 - a / sinh(a)) / a (finite below T,
+        # where it is not used)
+        inv_sinh = torch.div(torch.add(torch.mul(torch.reciprocal(m, out=o(4)), 2.0, out=o(4)), -2.0,
+                                       out=o(4)), w, out=o(4))
+    if value:
+        small = torch.mul(_horner(z, _CB_LOG_C, o(5)), z, out=o(5))
+        log_c = _blend(below, small, big, o(5))
+    if grad:
+        big = torch.div(torch.add(torch.neg(torch.mul(inv_sinh, a, out=o(4)), out=o(4)), 1.0, out=o(4)),
+                        a, out=o(4))
+        small = torch.mul(torch.mul(_horner(z, _CB_DLOG_C, o(5)), a_small, out=o(5)), below, out=o(5))
+        above = torch.add(torch.neg(below, out=o(1)), 1.0, out=o(1))
+        d = torch.addcmul(small, big, above, out=o(4))         # exact: each element one branch
+        d_log_c = torch.mul(d, torch.sign(s, out=o(2)), out=o(4))
     return log_c, d_log_c
 
 
