@@ -5,12 +5,14 @@ its backward registered by ``torch.library.register_autograd``: ``torch.compile(
 traces through them without graph breaks and CUDA graphs capture them. Importing this module
 fails with ImportError where triton is missing; fastvae then runs the PyTorch fallback only.
 
-The ELBO is single-pass: ``fastvae::elbo`` returns the loss and, when asked, the gradients for
-grad_output = 1, written in the same pass. Its backward multiplies them by grad_output in place
-(``fastvae::elbo_scale_grads_``; programs return at once where grad_output is 1), so a
-``loss.backward()`` moves no further bytes. Traced by torch.compile, where an in-place update of a
-saved tensor would be cloned first, the backward multiplies with plain tensor ops, which inductor
-fuses where it can.
+The ELBO is single-pass: ``fastvae::elbo`` returns (loss, reconstruction, kl, kl_eff) in one
+tensor and, when asked, the gradients of the reconstruction and of the KL, written in the same
+pass. Its backward multiplies them in place by their factors (``fastvae::elbo_scale_grads_``: the
+grad_outputs of the loss and of the components, beta and the free-bits mask, read on the device;
+tiles whose factors are all 1 are left untouched), so a ``loss.backward()`` moves no further
+bytes. Traced by torch.compile, where an in-place update of a saved tensor would be cloned
+first, the backward multiplies with plain tensor ops, which inductor fuses where it can. Double
+backward is refused with a message that names it.
 """
 from __future__ import annotations
 

@@ -151,17 +151,23 @@ def test_cuda_graph_replay_draws_fresh_noise_gpu():
     assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
-def test_single_pass_under_compile_and_cuda_graphs_any_grad_output_gpu(reduction):
-    """The forward writes the gradients; the backward scales them by any grad_output, also per row,
-    compiled (fullgraph) and replayed from a CUDA graph with new grad_output values each time."""
-    B, N, L = 257, 784, 20
+def _cuda_elbo_inputs(B, N=784, L=20):
+    """(recon logits, x, mu, logvar, the generator that drew them) on CUDA; all but x require grad."""
     g = torch.Generator(device="cuda").manual_seed(0)
     recon = torch.randn(B, N, device="cuda", generator=g, requires_grad=True)
     x = torch.rand(B, N, device="cuda", generator=g)
     mu = torch.randn(B, L, device="cuda", generator=g, requires_grad=True)
     logvar = torch.randn(B, L, device="cuda", generator=g, requires_grad=True)
+    return recon, x, mu, logvar, g
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduction", ["sum", "batchmean", "none"])
+def test_single_pass_under_compile_and_cuda_graphs_any_grad_output_gpu(reduction):
+    """The forward writes the gradients; the backward scales them by any grad_output, also per row,
+    compiled (fullgraph) and replayed from a CUDA graph with new grad_output values each time."""
+    B = 257
+    recon, x, mu, logvar, _ = _cuda_elbo_inputs(B)
     go = torch.empty(B if reduction == "none" else (), device="cuda")
 
     def step(recon, x, mu, logvar, go):
@@ -195,3 +201,46 @@ def test_single_pass_under_compile_and_cuda_graphs_any_grad_output_gpu(reduction
         graph.replay()
         torch.cuda.synchronize()
         check(out, go.clone())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("likelihood", ["gaussian", "continuous_bernoulli"])
+def test_components_sigma_beta_tensor_under_compile_and_cuda_graphs_gpu(likelihood):
+    """The Triton path with a learned sigma, a beta tensor (annealed between replays), free bits
+    and components, compiled (fullgraph) and replayed from a CUDA graph, against the PyTorch
+    fallback on the same CUDA tensors (float64, the exact path)."""
+    recon, x, mu, logvar, g = _cuda_elbo_inputs(300)
+    sigma = (torch.rand(784, device="cuda", generator=g) + 0.5).requires_grad_(likelihood == "gaussian")
+    beta = torch.tensor(0.3, device="cuda", requires_grad=True)
+
+    def step(recon, x, mu, logvar, sigma, beta, backend="auto"):
+        c = fastvae.elbo_loss(recon, x, mu, logvar, reduction="batchmean", beta=beta, free_bits=0.8,
+                              likelihood=likelihood, sigma=sigma if likelihood == "gaussian" else None,
+                              return_components=True, backend=backend)
+        total = c.loss + 0.5 * c.reconstruction - 0.25 * c.kl
+        leaves = [recon, mu, logvar, beta] + ([sigma] if sigma.requires_grad else [])
+        return (c.loss, c.reconstruction, c.kl, *torch.autograd.grad(total, leaves))
+
+    def check(out):
+        args = [t.detach().double().requires_grad_(t.requires_grad) for t in (recon, x, mu, logvar, sigma, beta)]
+        ref = step(*args, backend="torch")
+        for got, want in zip(out, ref):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * max(want.abs().max().item(), 1.0))
+
+    compiled = torch.compile(step, fullgraph=True)
+    check(compiled(recon, x, mu, logvar, sigma, beta))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step(recon, x, mu, logvar, sigma, beta)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(recon, x, mu, logvar, sigma, beta)
+    for b in (0.3, 1.0, 0.05):
+        with torch.no_grad():
+            beta.fill_(b)
+        graph.replay()
+        torch.cuda.synchronize()
+        check(out)
