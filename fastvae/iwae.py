@@ -1,0 +1,206 @@
+"""Importance-weighted bounds (Burda et al., 2016) without the [K, B, D] decoder outputs.
+
+The K-sample bound of log p(x) for a Gaussian encoder q(z|x) = N(mu, diag(exp(logvar))), a
+standard normal prior and a decoder whose last layer is linear (logits ``l = W h + b``, W [D, H],
+``h = decoder_hidden(z)`` [H]) with a Bernoulli likelihood:
+
+    log w_k = log p(x | z_k) + log p(z_k) - log q(z_k | x),        z_k = mu + exp(logvar / 2) eps_k
+    log p(x | z) = sum_j x_j l_j - softplus(l_j)
+    log p(z) - log q(z | x) = sum_l (eps_l^2 + logvar_l - z_l^2) / 2     (the log 2 pi terms cancel)
+    bound = logsumexp_k(log w_k) - log K
+
+computed in chunks of samples and images:
+
+* **Running log-sum-exp over K.** Each chunk of k samples updates a running maximum ``m`` and sum
+  ``s = sum exp(log w - m)`` per image (float64), so memory does not depend on K.
+* **x.l without per-logit work.** ``sum_j x_j l_j = (W^T x) . h + b . x``: ``W^T x`` [H] and ``b . x``
+  are computed once per image and shared by its K samples (a dot product of length H per sample).
+* **softplus without softplus or log1p** (their AVX-512 kernels are ~10x slower than exp/log on
+  some CPUs): with ``e = exp(-|l|)`` and ``u = fl(1 + e)``, ``softplus(l) = relu(l) + log(u)`` to
+  2^-24 nats per pixel, and ``sum_j log(u_j)`` is the log of a float64 product
+  (:func:`fastvae._fallback._sum_log`), so a chunk costs no log per element.
+* **Cache-sized chunks.** Each chunk's logits [r, D] (r = samples x images) stay in cache:
+  written by one matmul, read by the passes above, then reused by the next chunk.
+
+On CUDA (``backend="triton"``) the logits are never written at all: the fused kernel of
+:mod:`fastvae.kernels.fused_decoder` makes them tile by tile and returns log p(x | z) per row.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from . import _backend
+from ._fallback import _sum_log
+
+# Decoder-output elements per chunk and torch thread (fp32 logits: 512 KB, L2-sized)
+_CHUNK_ELEMENTS = 1 << 17
+
+
+def _threads() -> int:
+    return max(1, min(torch.get_num_threads(), 8))
+
+
+def _check_tensor(name: str, t, dims: int) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(t.shape)}")
+
+
+def check_iw_samples(name: str, k) -> int:
+    """``k`` if it is an int >= 1 (bools refused), else a TypeError / ValueError naming ``name``."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{name} must be an integer >= 1, got {k!r} ({type(k).__name__})")
+    if k < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {k}")
+    return k
+
+
+def _check_decoder_inputs(x: Tensor, mu: Tensor, logvar: Tensor, weight: Tensor,
+                          bias: Optional[Tensor], eps: Optional[Tensor], K: int) -> None:
+    _check_tensor("mu", mu, 2)
+    _check_tensor("logvar", logvar, 2)
+    _check_tensor("weight", weight, 2)
+    if not isinstance(x, Tensor) or not (x.is_floating_point() or x.dtype == torch.uint8):
+        raise TypeError("x must be a floating-point tensor (or uint8 pixels read as x/255)")
+    N = mu.shape[0]
+    D = weight.shape[0]
+    if mu.shape != logvar.shape:
+        raise ValueError(f"mu and logvar must have the same shape [N, L]; got {tuple(mu.shape)} and "
+                         f"{tuple(logvar.shape)}")
+    if x.dim() < 1 or x.shape[0] != N or x.numel() != N * D:
+        raise ValueError(f"x must be [N, ...] with N = mu.shape[0] = {N} and weight.shape[0] = {D} "
+                         f"elements per image; got x {tuple(x.shape)}")
+    if bias is not None:
+        _check_tensor("bias", bias, 1)
+        if bias.shape[0] != D:
+            raise ValueError(f"bias must be [D] = [{D}] (weight is [D, H]); got {tuple(bias.shape)}")
+    if eps is not None:
+        _check_tensor("eps", eps, 3)
+        if eps.shape != (K, *mu.shape):
+            raise ValueError(f"eps must be [num_samples, N, L] = {(K, *mu.shape)}; got {tuple(eps.shape)}")
+    devices = {t.device for t in (x, mu, logvar, weight, bias, eps) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device; got {sorted(map(str, devices))}")
+    if N == 0:
+        raise ValueError("need at least one image")
+
+
+def chunk_shape(num_images: int, num_samples: int, width: int, chunk_rows: Optional[int] = None) -> tuple[int, int]:
+    """(images per chunk, samples per chunk) for decoder outputs of ``width`` elements: about
+    ``_CHUNK_ELEMENTS`` per torch thread (or ``chunk_rows`` rows), samples first."""
+    rows = chunk_rows if chunk_rows is not None else max(1, _CHUNK_ELEMENTS * _threads() // max(width, 1))
+    k = max(1, min(num_samples, rows))
+    b = max(1, min(num_images, rows // k))
+    return b, k
+
+
+def bernoulli_log_px_rows(h: Tensor, weight: Tensor, bias: Optional[Tensor], xw: Tensor, xb: Tensor,
+                          buf: Optional[list] = None) -> Tensor:
+    """log p(x | z) per row of h [b, k, H] for each image's b rows of targets: float64 [b, k].
+
+    ``xw`` [b, H] = x @ weight and ``xb`` [b] = x . bias (zero without bias) are the per-image parts
+    of ``sum_j x_j l_j``; ``buf`` holds two scratch tensors of at least [b * k, D].
+    """
+    b, k, H = h.shape
+    D = weight.shape[0]
+    r = b * k
+    h2 = h.reshape(r, H)
+    if buf is None:
+        buf = [torch.empty(r, D, dtype=h.dtype, device=h.device) for _ in range(2)]
+    l_buf, a_buf = buf[0].view(-1)[: r * D].view(r, D), buf[1].view(-1)[: r * D].view(r, D)
+    logits = (torch.addmm(bias, h2, weight.t(), out=l_buf) if bias is not None
+              else torch.mm(h2, weight.t(), out=l_buf))
+    # x . l = (W^T x) . h + b . x: a length-H dot product per row
+    xl = torch.bmm(h, xw.unsqueeze(2)).view(b, k).double().add_(xb.double().unsqueeze(1))
+    relu = torch.clamp(logits, min=0.0, out=a_buf).sum(1)
+    e = torch.abs(logits, out=a_buf).neg_().exp_()      # e = exp(-|l|) in (0, 1]
+    u = e.add_(1.0)                                      # u = fl(1 + e) in [1, 2]
+    # sum log(u) as the log of a float64 product; log(fl(1 + e)) is log1p(e) to 2^-24 absolute per
+    # pixel (<= 4.7e-5 nats for D = 784, the size of the fp32 rounding of the row sums themselves),
+    # so the bound needs no rounding-error correction
+    sp = _sum_log(u).add_(relu)
+    return xl.sub_(sp.view(b, k))
+
+
+@torch.no_grad()
+def iw_log_likelihood(x: Tensor, mu: Tensor, logvar: Tensor, decoder_hidden: Callable[[Tensor], Tensor],
+                      weight: Tensor, bias: Optional[Tensor] = None, *, num_samples: int,
+                      eps: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+                      chunk_rows: Optional[int] = None, progress: Optional[Callable[[int], None]] = None,
+                      backend: str = "auto") -> Tensor:
+    """Per-image importance-weighted bound of log p(x) in nats with K = ``num_samples``: float64 [N].
+
+    Args:
+        x: targets [N, ...] with D elements per image, in [0, 1] (or uint8 pixels read as x/255).
+        mu, logvar: the encoder's q(z | x) for each image, [N, L].
+        decoder_hidden: the decoder up to its output layer, z [r, L] -> h [r, H] (e.g.
+            ``lambda z: relu(fc3(z))``); called on chunks of samples.
+        weight, bias: the decoder's output layer, [D, H] and [D] (``nn.Linear``'s layout); its
+            outputs are Bernoulli logits.
+        num_samples: K >= 1.
+        eps: optional noise [K, N, L] (z_k = mu + exp(logvar / 2) eps[k]), for tests; by default
+            drawn chunk by chunk from ``generator``.
+        chunk_rows: samples x images per chunk (default: cache-sized, ~2^17 outputs per thread).
+        progress: called with the number of images finished after each group of images.
+        backend: "auto", "triton" or "torch" for the output layer + likelihood (see ``fastvae``).
+
+    Memory is independent of K: one chunk of logits (none on the Triton path) and a running
+    log-sum-exp per image.
+    """
+    K = check_iw_samples("num_samples", num_samples)
+    _check_decoder_inputs(x, mu, logvar, weight, bias, eps, K)
+    if not callable(decoder_hidden):
+        raise TypeError(f"decoder_hidden must be callable (z -> h), got {type(decoder_hidden).__name__}")
+    N, L = mu.shape
+    D, H = weight.shape
+    dev = mu.device
+    use_triton = _backend.resolve(backend, weight, mu) == "triton"
+    dt = weight.dtype
+    xs = x.reshape(N, D)
+    xs = xs.to(dt).mul_(1.0 / 255.0) if xs.dtype == torch.uint8 else xs.to(dt)
+    m32, v32 = mu.to(dt), logvar.to(dt)
+    std = torch.exp(0.5 * v32)
+    b_chunk, k_chunk = chunk_shape(N, K, D, chunk_rows)
+    buf = None if use_triton else [torch.empty(b_chunk * k_chunk, D, dtype=dt, device=dev) for _ in range(2)]
+    out = torch.empty(N, dtype=torch.float64, device=dev)
+    for i0 in range(0, N, b_chunk):
+        b = min(b_chunk, N - i0)
+        xi, mi, vi, si = xs[i0:i0 + b], m32[i0:i0 + b], v32[i0:i0 + b], std[i0:i0 + b]
+        xw = xi @ weight                                          # [b, H]: W^T x, once per image
+        xb = xi @ bias if bias is not None else torch.zeros(b, dtype=dt, device=dev)
+        for k0 in range(0, K, k_chunk):
+            k = min(k_chunk, K - k0)
+            if eps is None:
+                e = torch.randn(k, b, L, dtype=dt, device=dev, generator=generator)
+            else:
+                e = eps[k0:k0 + k, i0:i0 + b].to(dt)
+            e = e.transpose(0, 1)                                 # [b, k, L]: image-major rows
+            z = torch.addcmul(mi.unsqueeze(1), si.unsqueeze(1), e)
+            # log p(z) - log q(z | x), per sample
+            lw = (e.square() - z.square()).sum(2).double().add_(vi.sum(1).double().unsqueeze(1)).mul_(0.5)
+            h = decoder_hidden(z.reshape(b * k, L)).reshape(b, k, H)
+            if use_triton:
+                from .kernels import fused_decoder
+
+                lw += fused_decoder.log_px_rows(h, weight, bias, xi).view(b, k)
+            else:
+                lw += bernoulli_log_px_rows(h, weight, bias, xw, xb, buf)
+            # running log-sum-exp over the samples
+            cm = lw.max(1).values
+            if k0 == 0:
+                run_max, run_sum = cm, torch.exp(lw - cm.unsqueeze(1)).sum(1)
+            else:
+                new_max = torch.maximum(run_max, cm)
+                run_sum.mul_(torch.exp(run_max - new_max)).add_(torch.exp(lw - new_max.unsqueeze(1)).sum(1))
+                run_max = new_max
+        out[i0:i0 + b] = run_max + torch.log(run_sum) - math.log(K)
+        if progress is not None:
+            progress(b)
+    return out
