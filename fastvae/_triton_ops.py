@@ -22,6 +22,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import register_autograd, triton_op, wrap_triton
 
 from .kernels import elbo as _elbo
+from .kernels import fused_decoder as _fused_decoder
 from .kernels import reparam as _reparam
 
 # True when TRITON_INTERPRET=1 was set before the kernels were defined: they then run on CPU.
@@ -117,3 +118,19 @@ def _reparam_grad(ctx, grad):
 
 
 register_autograd("fastvae::reparameterize", _reparam_grad, setup_context=_reparam_setup)
+
+
+# ---- the fused decoder output layer + log-likelihood (IWAE) -------------------------------------
+
+@triton_op("fastvae::decoder_log_px", mutates_args={})
+def decoder_log_px(h: Tensor, weight: Tensor, bias: Optional[Tensor], x: Tensor, group: int,
+                   likelihood: str, sigma: float) -> Tensor:
+    # log p(x | z) per row of h [M, H]; row r's target is x[(r // group) % x.shape[0]]
+    return _fused_decoder.decoder_log_px(wrap_triton, h, weight, bias, x, group, likelihood, sigma)
+
+
+@triton_op("fastvae::decoder_dlogits", mutates_args={})
+def decoder_dlogits(h: Tensor, weight: Tensor, bias: Optional[Tensor], x: Tensor, g: Tensor, group: int,
+                    likelihood: str, sigma: float) -> Tensor:
+    # g[r] * d nll / d logits for a chunk of rows: [M, D] fp32 (the backward of decoder_log_px)
+    return _fused_decoder.decoder_dlogits(wrap_triton, h, weight, bias, x, g, group, likelihood, sigma)
