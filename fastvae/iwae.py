@@ -203,3 +203,143 @@ def iw_log_likelihood(x: Tensor, mu: Tensor, logvar: Tensor, decoder_hidden: Cal
         if progress is not None:
             progress(b)
     return out
+
+
+# ---- the K-sample bound as a training loss --------------------------------------------------------
+
+IWAE_REDUCTIONS = ("sum", "batchmean", "none")
+
+
+def _row_chunk_samples(K: int, B: int, D: int, device: torch.device) -> int:
+    """Samples per chunk for sample-major rows [K, B]: whole samples (multiples of B rows) with
+    about ``_CHUNK_ELEMENTS`` decoder outputs per torch thread on CPU (2^22 on GPU)."""
+    budget = (1 << 22) if device.type == "cuda" else _CHUNK_ELEMENTS * _threads()
+    return max(1, min(K, budget // max(B * D, 1)))
+
+
+def _targets(x: Tensor, B: int, D: int, dtype: torch.dtype) -> Tensor:
+    t = x.reshape(B, D)
+    return t.to(dtype).mul_(1.0 / 255.0) if t.dtype == torch.uint8 else t.to(dtype)
+
+
+class _DecoderLogPx(torch.autograd.Function):
+    """log p(x | z) [K, B] of the output layer ``l = W h + b`` with a Bernoulli likelihood, for
+    sample-major h [K, B, H] and targets x [B, D]; forward and backward chunk by chunk (no
+    [K * B, D] tensor): the gradients are, with ``d = g (x - sigmoid(l))`` per chunk,
+    ``grad h = d W``, ``grad W = sum_chunks d^T h``, ``grad b = sum_chunks sum_rows d``."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, x, use_triton: bool):
+        K, B, H = h.shape
+        D = weight.shape[0]
+        ctx.use_triton = use_triton
+        ctx.save_for_backward(h, weight, bias, x)
+        if use_triton:
+            return torch.ops.fastvae.decoder_log_px(h.reshape(K * B, H), weight, bias, x, 1,
+                                                    "bernoulli", 1.0).view(K, B)
+        xw = x @ weight.to(x.dtype)                                     # [B, H]: W^T x per image
+        xb = x @ bias.to(x.dtype) if bias is not None else torch.zeros(B, dtype=x.dtype, device=x.device)
+        kc = _row_chunk_samples(K, B, D, h.device)
+        buf = [torch.empty(kc * B, D, dtype=h.dtype, device=h.device) for _ in range(2)]
+        out = torch.empty(K, B, dtype=torch.float64, device=h.device)
+        for k0 in range(0, K, kc):
+            hc = h[k0:k0 + kc].transpose(0, 1)                         # [B, kc, H] image-major
+            out[k0:k0 + kc] = bernoulli_log_px_rows(hc, weight, bias, xw, xb, buf).t()
+        return out.to(torch.float32 if h.dtype != torch.float64 else torch.float64)
+
+    @staticmethod
+    def backward(ctx, g):
+        h, weight, bias, x = ctx.saved_tensors
+        K, B, H = h.shape
+        D = weight.shape[0]
+        dt = torch.float64 if h.dtype == torch.float64 else torch.float32
+        w = weight.to(dt)
+        gh = torch.empty(K, B, H, dtype=dt, device=h.device) if ctx.needs_input_grad[0] else None
+        gw = torch.zeros(D, H, dtype=dt, device=h.device) if ctx.needs_input_grad[1] else None
+        gb = torch.zeros(D, dtype=dt, device=h.device) if bias is not None and ctx.needs_input_grad[2] else None
+        kc = _row_chunk_samples(K, B, D, h.device)
+        g = g.to(dt)
+        for k0 in range(0, K, kc):
+            hc = h[k0:k0 + kc].reshape(-1, H)                          # [kc * B, H]
+            gc = g[k0:k0 + kc].reshape(-1)
+            if ctx.use_triton:   # -d (g * d nll / dl), the logits recomputed tile by tile
+                d = torch.ops.fastvae.decoder_dlogits(hc, weight, bias, x, gc, 1, "bernoulli", 1.0).neg_()
+            else:                # g (x - sigmoid(l)), the chunk's logits recomputed
+                lc = torch.addmm(bias.to(dt), hc.to(dt), w.t()) if bias is not None else hc.to(dt) @ w.t()
+                d = torch.sigmoid_(lc).view(-1, B, D).neg_().add_(x.to(dt)).mul_(gc.view(-1, B, 1)).view(-1, D)
+            if gh is not None:
+                torch.mm(d, w, out=gh[k0:k0 + kc].view(-1, H))
+            if gw is not None:
+                gw.addmm_(d.t(), hc.to(dt))
+            if gb is not None:
+                gb += d.sum(0)
+        return (None if gh is None else gh.to(h.dtype), None if gw is None else gw.to(weight.dtype),
+                None if gb is None else gb.to(bias.dtype), None, None)
+
+
+def iwae_loss(h: Tensor, weight: Tensor, bias: Optional[Tensor], x: Tensor, z: Tensor, mu: Tensor,
+              logvar: Tensor, *, reduction: str = "sum", backend: str = "auto") -> Tensor:
+    """The negative K-sample importance-weighted bound (Burda et al., 2016) as a training loss.
+
+    Per image i: ``-(logsumexp_k log w_ki - log K)`` with
+    ``log w_ki = log p(x_i | z_ki) + log N(z_ki; 0, I) - log N(z_ki; mu_i, exp(logvar_i))``,
+    a Bernoulli decoder whose output layer ``logits = h W^T + b`` is fused with its likelihood:
+    the [K, B, D] logits are never materialised, in the forward or the backward (chunk by chunk on
+    CPU; tile by tile in the Triton kernels on CUDA).
+
+    Args:
+        h: [K, B, H] the decoder's last hidden activations for the samples ``z`` (e.g.
+            ``relu(fc3(z))``), differentiable.
+        weight, bias: the decoder's output layer, [D, H] and [D] or None (``nn.Linear``'s layout).
+        x: targets [B, ...] with D elements per image: floats in [0, 1] or uint8 pixels (x / 255);
+            they get no gradient.
+        z: [K, B, L] the samples, e.g. ``fastvae.reparameterize(mu, logvar, num_samples=K)``.
+        mu, logvar: [B, L] the encoder's q(z | x).
+        reduction: "sum" over the batch, "batchmean" (sum / B) or "none" ([B]).
+        backend: "auto", "triton" or "torch" for the fused output layer.
+
+    Returns:
+        the loss in float32 (float64 for float64 inputs); gradients flow to h, weight, bias, z, mu
+        and logvar (through z too, the reparameterisation path).
+    """
+    for name, t in (("h", h), ("weight", weight), ("z", z), ("mu", mu), ("logvar", logvar)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if reduction not in IWAE_REDUCTIONS:
+        hint = " ('batchmean' is the mean over the batch of the per-image losses)" if reduction == "mean" else ""
+        raise ValueError(f"reduction must be one of {IWAE_REDUCTIONS}, got {reduction!r}{hint}")
+    if h.dim() != 3 or z.dim() != 3 or h.shape[:2] != z.shape[:2]:
+        raise ValueError(f"h and z must be [K, B, H] and [K, B, L] with the same K and B; got h "
+                         f"{tuple(h.shape)}, z {tuple(z.shape)}")
+    K, B, H = h.shape
+    if weight.dim() != 2 or weight.shape[1] != H:
+        raise ValueError(f"weight must be [D, H] with H = h.shape[-1] = {H}; got {tuple(weight.shape)}")
+    D = weight.shape[0]
+    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (D,)):
+        raise ValueError(f"bias must be None or a [D] = [{D}] tensor")
+    if mu.shape != logvar.shape or mu.dim() != 2 or mu.shape != (B, z.shape[2]):
+        raise ValueError(f"mu and logvar must be [B, L] = {(B, z.shape[2])}; got {tuple(mu.shape)} and "
+                         f"{tuple(logvar.shape)}")
+    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] != B or x.numel() != B * D:
+        raise ValueError(f"x must be [B, ...] with B = {B} and D = {D} elements per image; got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    if K == 0 or B == 0:
+        raise ValueError("iwae_loss needs at least one sample and one image")
+    devices = {t.device for t in (h, weight, bias, x, z, mu, logvar) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device; got {sorted(map(str, devices))}")
+    use_triton = _backend.resolve(backend, h, weight, z) == "triton"
+    dt = torch.float64 if h.dtype == torch.float64 else torch.float32
+    t = _targets(x.detach(), B, D, dt)
+    log_px = _DecoderLogPx.apply(h, weight, bias, t, use_triton)          # [K, B]
+    zf, mf, vf = z.to(dt), mu.to(dt), logvar.to(dt)
+    # log p(z) - log q(z | x) = sum(-z^2/2 + (z - mu)^2 / (2 sigma^2) + logvar / 2); log 2 pi cancels
+    log_pq = (0.5 * ((zf - mf).square() * torch.exp(-vf) - zf.square() + vf)).sum(-1)
+    rows = -(torch.logsumexp(log_px.to(dt) + log_pq, 0) - math.log(K))  # [B]
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "batchmean":
+        return rows.sum() / B
+    return rows

@@ -203,3 +203,125 @@ def test_streaming_bound_triton_path_matches_unfused_float64(K, N, chunk_rows):
     ref = unfused_bound(x.cpu(), mu.cpu(), logvar.cpu(), eps.cpu(), m.fc3.weight.cpu(), m.fc3.bias.cpu(),
                         m.fc4.weight.cpu(), m.fc4.bias.cpu())
     torch.testing.assert_close(ll.cpu(), ref, rtol=1e-5, atol=0)
+
+
+# ---- iwae_loss: the K-sample bound as a training loss ------------------------------------------
+
+def unfused_iwae_loss(h, w, b, x, z, mu, logvar, reduction="sum"):
+    """float64 autograd reference: logits materialised, torch.distributions for the densities."""
+    logits = h @ w.t() + (b if b is not None else 0.0)
+    log_px = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+    log_pz = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+    log_qz = torch.distributions.Normal(mu, torch.exp(0.5 * logvar)).log_prob(z).sum(-1)
+    rows = -(torch.logsumexp(log_px + log_pz - log_qz, 0) - math.log(z.shape[0]))
+    return {"sum": rows.sum(), "batchmean": rows.mean(), "none": rows}[reduction]
+
+
+def _loss_case(K, B, L, H, D, seed, device="cpu"):
+    """Leaves (fc3 weight, fc3 bias, W, b, mu, logvar), eps and x: z and h are made from them."""
+    g = torch.Generator().manual_seed(seed)
+    fc3w = torch.randn(H, L, generator=g) * 0.5
+    fc3b = torch.randn(H, generator=g) * 0.1
+    w = torch.randn(D, H, generator=g) * (3.0 / math.sqrt(H))
+    b = torch.linspace(-6, 3, D)
+    mu = torch.randn(B, L, generator=g) * 0.5
+    logvar = torch.randn(B, L, generator=g) * 0.3 - 1.0
+    eps = torch.randn(K, B, L, generator=g)
+    x = torch.rand(B, D, generator=g)
+    x[x < 0.5] = 0.0
+    return [t.to(device) for t in (fc3w, fc3b, w, b, mu, logvar)], eps.to(device), x.to(device)
+
+
+def _run_loss(leaves, eps, x, fn, dtype, reduction, go):
+    p = [t.detach().to(dtype).requires_grad_() for t in leaves]
+    fc3w, fc3b, w, b, mu, logvar = p
+    z = mu + torch.exp(0.5 * logvar) * eps.to(dtype)
+    h = F.relu(z @ fc3w.t() + fc3b)
+    loss = fn(h, w, b, x.to(dtype), z, mu, logvar, reduction)
+    grads = torch.autograd.grad(loss, p, go.to(dtype) if go is not None else None)
+    return loss.detach(), grads
+
+
+def _assert_rel(a, ref, tol):
+    # elementwise within tol relative to the tensor's scale, and the norm-wise relative error
+    a, ref = a.double().cpu(), ref.double().cpu()
+    scale = ref.abs().max().clamp(min=1e-30)
+    assert ((a - ref).abs().max() / scale).item() <= tol, ((a - ref).abs().max() / scale).item()
+    assert ((a - ref).norm() / ref.norm().clamp(min=1e-30)).item() <= tol
+
+
+@pytest.mark.parametrize("reduction", ["sum", "batchmean", "none"])
+@pytest.mark.parametrize("K,B", [(5, 3), (50, 2)])
+def test_iwae_loss_and_gradients_match_float64_autograd_real_sizes(K, B, reduction):
+    leaves, eps, x = _loss_case(K, B, 20, 400, 784, seed=K + B)
+    go = torch.randn(B, dtype=torch.float64) if reduction == "none" else None
+
+    def fused(h, w, b, x, z, mu, logvar, red):
+        return fastvae.iwae_loss(h, w, b, x, z, mu, logvar, reduction=red, backend="torch")
+
+    loss, grads = _run_loss(leaves, eps, x, fused, torch.float32, reduction, go)
+    ref_loss, ref_grads = _run_loss(leaves, eps, x, unfused_iwae_loss, torch.float64, reduction, go)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=0)
+    for name, a, r in zip(("fc3.weight", "fc3.bias", "weight", "bias", "mu", "logvar"), grads, ref_grads):
+        _assert_rel(a, r, 1e-5)
+
+
+def test_iwae_loss_float64_and_chunking_over_samples(monkeypatch):
+    # tiny chunks: the output layer's gradient is accumulated over many chunks of samples
+    monkeypatch.setattr(iwae, "_CHUNK_ELEMENTS", 784 * 6)
+    leaves, eps, x = _loss_case(9, 4, 20, 400, 784, seed=3)
+
+    def fused(h, w, b, x, z, mu, logvar, red):
+        return fastvae.iwae_loss(h, w, b, x, z, mu, logvar, reduction=red)
+
+    loss, grads = _run_loss(leaves, eps, x, fused, torch.float64, "sum", None)
+    ref_loss, ref_grads = _run_loss(leaves, eps, x, unfused_iwae_loss, torch.float64, "sum", None)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    for a, r in zip(grads, ref_grads):
+        _assert_rel(a, r, 1e-10)
+
+
+def test_iwae_loss_with_k1_is_the_single_sample_elbo():
+    leaves, eps, x = _loss_case(1, 3, 20, 400, 784, seed=4)
+    fc3w, fc3b, w, b, mu, logvar = leaves
+    z = mu + torch.exp(0.5 * logvar) * eps
+    h = F.relu(z @ fc3w.t() + fc3b)
+    loss = fastvae.iwae_loss(h, w, b, x, z, mu, logvar, reduction="none")
+    logits = h[0] @ w.t() + b
+    # one sample: -log w = BCE + log q(z|x) - log p(z)
+    bce = F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(1)
+    log_q_minus_p = 0.5 * (-eps[0].square() - logvar + z[0].square()).sum(1)
+    torch.testing.assert_close(loss, bce + log_q_minus_p, rtol=1e-5, atol=1e-4)
+
+
+@triton_only
+def test_iwae_loss_triton_path_matches_float64_autograd():
+    leaves, eps, x = _loss_case(6, 5, 3, 24, 50, seed=5, device=DEV)
+
+    def fused(h, w, b, x, z, mu, logvar, red):
+        return fastvae.iwae_loss(h, w, b, x, z, mu, logvar, reduction=red, backend="triton")
+
+    loss, grads = _run_loss(leaves, eps, x, fused, torch.float32, "sum", None)
+    ref_loss, ref_grads = _run_loss(leaves, eps, x, unfused_iwae_loss, torch.float64, "sum", None)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=0)
+    for a, r in zip(grads, ref_grads):
+        _assert_rel(a, r, 1e-5)
+
+
+def test_iwae_loss_bad_arguments():
+    h, w, b = torch.zeros(2, 3, 4), torch.zeros(5, 4), torch.zeros(5)
+    x, z, mu, lv = torch.zeros(3, 5), torch.zeros(2, 3, 6), torch.zeros(3, 6), torch.zeros(3, 6)
+    with pytest.raises(ValueError, match="batchmean"):
+        fastvae.iwae_loss(h, w, b, x, z, mu, lv, reduction="mean")
+    with pytest.raises(ValueError, match="weight"):
+        fastvae.iwae_loss(h, w[:, :3], b, x, z, mu, lv)
+    with pytest.raises(ValueError, match="h and z"):
+        fastvae.iwae_loss(h, w, b, x, z[:1], mu, lv)
+    with pytest.raises(ValueError, match="x must be"):
+        fastvae.iwae_loss(h, w, b, x[:, :4], z, mu, lv)
+    with pytest.raises(ValueError, match="mu and logvar"):
+        fastvae.iwae_loss(h, w, b, x, z, mu[:, :2], lv)
+    with pytest.raises(TypeError, match="h must"):
+        fastvae.iwae_loss(h.long(), w, b, x, z, mu, lv)
