@@ -44,6 +44,15 @@ def neg_elbo_sum(model: VAE, x: Tensor, generator: Optional[torch.Generator] = N
     return total
 
 
+def _world() -> tuple[int, int]:
+    """(world size, rank) of an initialised torch.distributed group, else (1, 0)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
 @torch.no_grad()
 def iw_log_likelihood(model: VAE, x: Tensor, iw_samples: int, generator: Optional[torch.Generator] = None,
                       max_elements: Optional[int] = None, progress: bool = False,
@@ -53,24 +62,51 @@ def iw_log_likelihood(model: VAE, x: Tensor, iw_samples: int, generator: Optiona
     Streams over the samples with :func:`fastvae.iwae.iw_log_likelihood` (a running log-sum-exp;
     memory independent of K). ``max_elements`` caps the decoder outputs per chunk (default: a
     cache-sized chunk); ``eps`` [K, N, L] fixes the noise (tests); ``progress`` shows a bar over
-    the images on stderr."""
+    the images on stderr.
+
+    Under torch.distributed (e.g. ``torchrun``; every rank must call it with the same x) the images
+    are sharded over the ranks (``tensor_split``) and the full [N] result is gathered on every
+    rank. Each rank then draws its noise from a generator seeded by one draw of ``generator`` (or
+    of torch's default generator) plus its rank, so the shards' samples are independent.
+    """
     if isinstance(iw_samples, bool) or not isinstance(iw_samples, int) or iw_samples < 1:
         raise ValueError(f"iw_samples must be an integer >= 1, got {iw_samples!r}")
     d = model.input_dim
     xs = model.prepare_input(x)
-    mu, logvar = torch.cat([torch.stack(model.encode(xc)) for xc in xs.split(4096)], 1).unbind(0)
+    world, rank = _world()
+    n = xs.shape[0]
+    if world > 1:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=xs.device).item())
+        generator = torch.Generator(device=xs.device).manual_seed(seed + rank)
+        xs = xs.tensor_split(world)[rank]
+        if eps is not None:
+            eps = eps.tensor_split(world, dim=1)[rank]
     chunk_rows = None if max_elements is None else max(1, max_elements // d)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=xs.shape[0], desc=f"IWAE bound, K={iw_samples}", unit="image", disable=not progress,
+    bar = tqdm(total=n, desc=f"IWAE bound, K={iw_samples}", unit="image", disable=not progress or rank != 0,
                leave=True, dynamic_ncols=True, file=sys.stderr)
     try:
-        return _iwae.iw_log_likelihood(
-            xs, mu, logvar, lambda z: F.relu(model.fc3(z)), model.fc4.weight, model.fc4.bias,
-            num_samples=iw_samples, eps=eps, generator=generator, chunk_rows=chunk_rows,
-            progress=bar.update, backend=model.backend)
+        if xs.shape[0]:
+            mu, logvar = torch.cat([torch.stack(model.encode(xc)) for xc in xs.split(4096)], 1).unbind(0)
+            out = _iwae.iw_log_likelihood(
+                xs, mu, logvar, lambda z: F.relu(model.fc3(z)), model.fc4.weight, model.fc4.bias,
+                num_samples=iw_samples, eps=eps, generator=generator, chunk_rows=chunk_rows,
+                progress=lambda k: bar.update(k * world), backend=model.backend)
+        else:  # more ranks than images
+            out = torch.empty(0, dtype=torch.float64, device=xs.device)
     finally:
         bar.close()
+    if world == 1:
+        return out
+    import torch.distributed as dist
+
+    sizes = [t.shape[0] for t in torch.empty(n).tensor_split(world)]
+    padded = torch.zeros(sizes[0], dtype=torch.float64, device=out.device)   # sizes[0] is the largest
+    padded[: out.shape[0]] = out
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:k] for p, k in zip(parts, sizes)])
 
 
 @torch.no_grad()

@@ -707,7 +707,7 @@ def _train(cfg, dataset, dev, d, out, ckpt, backend, compile, precision, resume,
             write_metrics(out / METRICS, _metrics(metrics, history, n_train))
 
     metrics = _metrics(metrics, history, n_train)
-    if iw_samples and d.main:
+    if iw_samples:  # every rank takes part: the IWAE bound is sharded over the ranks
         gen = torch.Generator(device=dev).manual_seed(cfg["seed"])
         result = evaluate(model, data, iw_samples=iw_samples, generator=gen, progress=progress)
         metrics.update(iw_samples=iw_samples, iw_log_likelihood=result["iw_log_likelihood"],
