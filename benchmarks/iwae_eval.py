@@ -4,6 +4,7 @@ commit fc55d78 (``git show fc55d78:fastvae/evaluate.py``) against the streaming 
     python -m benchmarks.iwae_eval                         # 200 images, K = 5000, 1 and 2 threads
     python -m benchmarks.iwae_eval --images 1000 --threads 2 --checkpoint runs/fmnist/checkpoint.pt
     python -m benchmarks.iwae_eval --memory                # peak RSS for two values of K (subprocesses)
+    python -m benchmarks.iwae_eval --train-table --images 500 --json benchmarks/results/iwae-train-cpu.json
 
 Reports, per thread count: seconds per image and per sample for both, the speed-up, the projection
 to the 10,000 test images, and a FLOP model of the decoder matmuls, ``2 (L H + H D)`` per sample,
@@ -19,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -108,13 +108,56 @@ def memory_child(which, K, n, checkpoint):
     x, _ = fmnist_test_images(n)
     old = old_evaluator() if which == "old" else None
     run_old(old, model, x, 1, 0) if old else run_new(model, x, 1, 0)     # warm: allocator, imports
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS, so the peak
+    # of the evaluation alone is seen (loading the data set set a higher one)
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    base = _status_kib("VmRSS")
     t0 = time.perf_counter()
     run_old(old, model, x, K, 0) if old else run_new(model, x, K, 0)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM")
     print(json.dumps({"which": which, "K": K, "images": n, "peak_rss_mib": peak / 1024,
                       "growth_mib": (peak - base) / 1024, "seconds": seconds}))
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def train_table(args):
+    """ELBO vs IWAE (K = 5, 50) training on a Fashion-MNIST subset, same epochs and seed, then the
+    K = 5000 bound (and the one-sample test ELBO) of each on the same test images."""
+    import fastvae
+    from fastvae.evaluate import evaluate
+
+    data_dir = "/usr/share/datasets/fashion-mnist"
+    data = fastvae.load_dataset("fashion-mnist", data_dir=data_dir if os.path.isdir(data_dir) else None)
+    data = data.subset(args.train_images, args.images)
+    rows = []
+    for objective, k in (("elbo", 1), ("iwae", 5), ("iwae", 50)):
+        t0 = time.perf_counter()
+        res = fastvae.train(data, epochs=args.epochs, objective=objective, train_samples=k, out_dir=None,
+                            progress=False, figures=False, device="cpu", seed=1)
+        train_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ev = evaluate(res.model, data, iw_samples=args.K, generator=torch.Generator().manual_seed(0))
+        rows.append({"objective": objective, "train_samples": k, "epochs": args.epochs,
+                     "train_images": args.train_images, "test_images": args.images, "train_seconds": train_s,
+                     "final_train_loss": res.metrics["train_loss"][-1], "test_elbo": ev["elbo"],
+                     "iw_samples": args.K, "iw_log_likelihood": ev["iw_log_likelihood"],
+                     "eval_seconds": time.perf_counter() - t0, "loadavg": os.getloadavg()})
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"| objective | K (train) | test ELBO | log p(x) bound, K={args.K} | train s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['objective']} | {r['train_samples']} | {r['test_elbo']:.2f} | {r['iw_log_likelihood']:.2f} | "
+              f"{r['train_seconds']:.0f} |")
+    return rows
 
 
 def main(argv=None):
@@ -127,7 +170,19 @@ def main(argv=None):
     p.add_argument("--memory", action="store_true", help="peak RSS of both for K = 500 and 5000 (10 images)")
     p.add_argument("--json", default=str(HERE / "results" / "iwae-eval-cpu.json"))
     p.add_argument("--memory-child", nargs=2, metavar=("WHICH", "K"), help=argparse.SUPPRESS)
+    p.add_argument("--train-table", action="store_true",
+                   help="train ELBO, IWAE K=5 and K=50 on --train-images for --epochs, then the K bound "
+                        "on --images test images (instead of the timing)")
+    p.add_argument("--train-images", type=int, default=8000)
+    p.add_argument("--epochs", type=int, default=5)
     args = p.parse_args(argv)
+    if args.train_table:
+        rows = train_table(args)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"hardware": _hw(), "rows": rows}, indent=2) + "\n")
+            print(f"wrote {args.json}")
+        return 0
     if args.memory_child:
         memory_child(args.memory_child[0], int(args.memory_child[1]), args.images, args.checkpoint)
         return 0
@@ -183,6 +238,12 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _hw():
+    from fastvae._backend import hardware_name
+
+    return hardware_name(torch.device("cpu"))
 
 
 if __name__ == "__main__":

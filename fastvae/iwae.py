@@ -17,8 +17,8 @@ computed in chunks of samples and images:
   are computed once per image and shared by its K samples (a dot product of length H per sample).
 * **softplus without softplus or log1p** (their AVX-512 kernels are ~10x slower than exp/log on
   some CPUs): with ``e = exp(-|l|)`` and ``u = fl(1 + e)``, ``softplus(l) = relu(l) + log(u)`` to
-  2^-24 nats per pixel, and ``sum_j log(u_j)`` is the log of a float64 product
-  (:func:`fastvae._fallback._sum_log`), so a chunk costs no log per element.
+  2^-24 nats per pixel, and ``sum_j log(u_j)`` is the log of products of groups of up to 120
+  columns (:func:`_sum_log_fp32`), so a chunk costs one log per group, not per element.
 * **Cache-sized chunks.** Each chunk's logits [r, D] (r = samples x images) stay in cache:
   written by one matmul, read by the passes above, then reused by the next chunk.
 
@@ -35,6 +35,7 @@ from torch import Tensor
 
 from . import _backend
 from ._fallback import _sum_log
+from .functional import reparameterize
 
 # Decoder-output elements per chunk and torch thread (fp32 logits: 512 KB, L2-sized)
 _CHUNK_ELEMENTS = 1 << 17
@@ -94,11 +95,31 @@ def _check_decoder_inputs(x: Tensor, mu: Tensor, logvar: Tensor, weight: Tensor,
 
 def chunk_shape(num_images: int, num_samples: int, width: int, chunk_rows: Optional[int] = None) -> tuple[int, int]:
     """(images per chunk, samples per chunk) for decoder outputs of ``width`` elements: about
-    ``_CHUNK_ELEMENTS`` per torch thread (or ``chunk_rows`` rows), samples first."""
-    rows = chunk_rows if chunk_rows is not None else max(1, _CHUNK_ELEMENTS * _threads() // max(width, 1))
+    ``_CHUNK_ELEMENTS`` (or ``chunk_rows`` rows), samples first."""
+    rows = chunk_rows if chunk_rows is not None else max(1, _CHUNK_ELEMENTS // max(width, 1))
     k = max(1, min(num_samples, rows))
     b = max(1, min(num_images, rows // k))
     return b, k
+
+
+def _product_group(D: int) -> int:
+    """The largest divisor of D that is at most 120 (0 if it is below 16): a product of that many
+    values in [1, 2] stays below fp32's 2^128."""
+    g = next(g for g in range(min(D, 120), 0, -1) if D % g == 0)
+    return g if g >= 16 or g == D else 0
+
+
+def _sum_log_fp32(u: Tensor) -> Tensor:
+    """Per-row ``sum(log(u))`` for u [r, D] in [1, 2]: fp32 products of groups of columns (one
+    multiply per element, in place of a conversion to float64 and a product; the rounding error,
+    about group x 2^-24 relative per product, is < 1e-5 nats per row for D = 784), then a log per
+    group. Float64 products (:func:`fastvae._fallback._sum_log`) where D has no suitable divisor or u
+    is float64."""
+    r, D = u.shape
+    g = _product_group(D)
+    if u.dtype != torch.float32 or not g or not u.is_contiguous():
+        return _sum_log(u)
+    return torch.prod(u.view(r, D // g, g), 2).log_().sum(1, dtype=torch.float64)
 
 
 def bernoulli_log_px_rows(h: Tensor, weight: Tensor, bias: Optional[Tensor], xw: Tensor, xb: Tensor,
@@ -122,10 +143,10 @@ def bernoulli_log_px_rows(h: Tensor, weight: Tensor, bias: Optional[Tensor], xw:
     relu = torch.clamp(logits, min=0.0, out=a_buf).sum(1)
     e = torch.abs(logits, out=a_buf).neg_().exp_()      # e = exp(-|l|) in (0, 1]
     u = e.add_(1.0)                                      # u = fl(1 + e) in [1, 2]
-    # sum log(u) as the log of a float64 product; log(fl(1 + e)) is log1p(e) to 2^-24 absolute per
-    # pixel (<= 4.7e-5 nats for D = 784, the size of the fp32 rounding of the row sums themselves),
-    # so the bound needs no rounding-error correction
-    sp = _sum_log(u).add_(relu)
+    # sum log(u) as the log of products; log(fl(1 + e)) is log1p(e) to 2^-24 absolute per pixel
+    # (<= 4.7e-5 nats for D = 784, the size of the fp32 rounding of the row sums themselves), so
+    # the bound needs no rounding-error correction
+    sp = _sum_log_fp32(u).add_(relu)
     return xl.sub_(sp.view(b, k))
 
 
@@ -134,7 +155,7 @@ def iw_log_likelihood(x: Tensor, mu: Tensor, logvar: Tensor, decoder_hidden: Cal
                       weight: Tensor, bias: Optional[Tensor] = None, *, num_samples: int,
                       eps: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
                       chunk_rows: Optional[int] = None, progress: Optional[Callable[[int], None]] = None,
-                      backend: str = "auto") -> Tensor:
+                      backend: str = "auto", threads: Optional[int] = None) -> Tensor:
     """Per-image importance-weighted bound of log p(x) in nats with K = ``num_samples``: float64 [N].
 
     Args:
@@ -147,9 +168,15 @@ def iw_log_likelihood(x: Tensor, mu: Tensor, logvar: Tensor, decoder_hidden: Cal
         num_samples: K >= 1.
         eps: optional noise [K, N, L] (z_k = mu + exp(logvar / 2) eps[k]), for tests; by default
             drawn chunk by chunk from ``generator``.
-        chunk_rows: samples x images per chunk (default: cache-sized, ~2^17 outputs per thread).
-        progress: called with the number of images finished after each group of images.
+        chunk_rows: samples x images per chunk (default on CPU: cache-sized, 2^17 decoder
+            outputs; on the Triton path 2^24, as no logits are stored).
+        progress: called with the number of images finished after each group of images (from
+            worker threads on CPU).
         backend: "auto", "triton" or "torch" for the output layer + likelihood (see ``fastvae``).
+        threads: CPU worker threads, each on its own groups of images (default
+            ``torch.get_num_threads()``); torch's intra-op threads are set to 1 meanwhile.
+
+    The drawn noise is reproducible from ``generator`` and does not depend on ``threads``.
 
     Memory is independent of K: one chunk of logits (none on the Triton path) and a running
     log-sum-exp per image.
@@ -167,22 +194,36 @@ def iw_log_likelihood(x: Tensor, mu: Tensor, logvar: Tensor, decoder_hidden: Cal
     xs = xs.to(dt).mul_(1.0 / 255.0) if xs.dtype == torch.uint8 else xs.to(dt)
     m32, v32 = mu.to(dt), logvar.to(dt)
     std = torch.exp(0.5 * v32)
+    cpu = dev.type == "cpu" and not use_triton
+    if chunk_rows is None:   # CPU: one thread's cache-sized chunk; GPU: no logits, large chunks
+        chunk_rows = max(1, (_CHUNK_ELEMENTS if cpu else 1 << 24) // D)
     b_chunk, k_chunk = chunk_shape(N, K, D, chunk_rows)
-    buf = None if use_triton else [torch.empty(b_chunk * k_chunk, D, dtype=dt, device=dev) for _ in range(2)]
+    groups = list(range(0, N, b_chunk))
+    workers = max(1, min(torch.get_num_threads() if threads is None else threads, len(groups))) if cpu else 1
+    # CPU noise: one generator per group of images, seeded by one draw of ``generator`` plus the
+    # group's first image, so the result does not depend on the number of worker threads
+    base_seed = (int(torch.randint(0, 2**62, (1,), generator=generator).item())
+                 if cpu and eps is None else None)
     out = torch.empty(N, dtype=torch.float64, device=dev)
-    for i0 in range(0, N, b_chunk):
+
+    def group(i0: int, buf) -> None:
         b = min(b_chunk, N - i0)
         xi, mi, vi, si = xs[i0:i0 + b], m32[i0:i0 + b], v32[i0:i0 + b], std[i0:i0 + b]
-        xw = xi @ weight                                          # [b, H]: W^T x, once per image
-        xb = xi @ bias if bias is not None else torch.zeros(b, dtype=dt, device=dev)
+        gen = generator if base_seed is None else torch.Generator().manual_seed(base_seed + i0)
+        if not use_triton:
+            xw = xi @ weight                                      # [b, H]: W^T x, once per image
+            xb = xi @ bias if bias is not None else torch.zeros(b, dtype=dt, device=dev)
         for k0 in range(0, K, k_chunk):
             k = min(k_chunk, K - k0)
-            if eps is None:
-                e = torch.randn(k, b, L, dtype=dt, device=dev, generator=generator)
+            if eps is not None:
+                e = eps[k0:k0 + k, i0:i0 + b].to(dt).transpose(0, 1)      # [b, k, L]: image-major
+                z = torch.addcmul(mi.unsqueeze(1), si.unsqueeze(1), e)
+            elif use_triton:  # z drawn in the reparameterisation kernel; eps only for log q
+                z = reparameterize(mi, vi, num_samples=k, generator=gen, backend="triton").transpose(0, 1)
+                e = (z - mi.unsqueeze(1)) / si.unsqueeze(1)
             else:
-                e = eps[k0:k0 + k, i0:i0 + b].to(dt)
-            e = e.transpose(0, 1)                                 # [b, k, L]: image-major rows
-            z = torch.addcmul(mi.unsqueeze(1), si.unsqueeze(1), e)
+                e = torch.randn(k, b, L, dtype=dt, device=dev, generator=gen).transpose(0, 1)
+                z = torch.addcmul(mi.unsqueeze(1), si.unsqueeze(1), e)
             # log p(z) - log q(z | x), per sample
             lw = (e.square() - z.square()).sum(2).double().add_(vi.sum(1).double().unsqueeze(1)).mul_(0.5)
             h = decoder_hidden(z.reshape(b * k, L)).reshape(b, k, H)
@@ -202,6 +243,29 @@ def iw_log_likelihood(x: Tensor, mu: Tensor, logvar: Tensor, decoder_hidden: Cal
         out[i0:i0 + b] = run_max + torch.log(run_sum) - math.log(K)
         if progress is not None:
             progress(b)
+
+    def worker(w: int) -> None:
+        buf = None if use_triton else [torch.empty(b_chunk * k_chunk, D, dtype=dt, device=dev) for _ in range(2)]
+        with torch.no_grad():  # grad mode is per thread
+            for i0 in groups[w::workers]:
+                group(i0, buf)
+
+    if workers == 1:
+        worker(0)
+        return out
+    # several CPU threads, each on its own groups of images with single-threaded ops: no barrier
+    # per op between threads (chunks are cache-sized: ~20 small ops each), which a loaded machine
+    # would stall on. torch's intra-op thread count is set to 1 meanwhile (process-wide) and restored.
+    from concurrent.futures import ThreadPoolExecutor
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            for f in [pool.submit(worker, w) for w in range(workers)]:
+                f.result()
+    finally:
+        torch.set_num_threads(saved)
     return out
 
 
