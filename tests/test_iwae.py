@@ -452,3 +452,28 @@ def test_evaluator_shards_images_over_ranks(tmp_path):
     # the ranks draw independent noise: the same image at the same place in both shards gets
     # another estimate (one stream on both ranks would repeat it exactly)
     assert drawn[0] != drawn[2] and drawn[1] != drawn[3]
+
+
+@triton_only
+def test_streaming_bound_triton_path_with_noise_drawn_in_the_kernel():
+    # one chunk (all K samples of all images): the evaluator draws z = reparameterize(mu, logvar,
+    # num_samples=K) once from the generator; the same draw, replayed, gives eps = (z - mu) / sigma,
+    # and the bound must equal the unfused float64 bound on that eps
+    torch.manual_seed(14)
+    m = fastvae.VAE(48, 24, 3).to(DEV)
+    with torch.no_grad():
+        m.fc4.weight.mul_(3.0)
+        m.fc21.bias.fill_(0.7)
+    x = torch.rand(3, 48, device=DEV)
+    K = 20
+    with torch.no_grad():
+        mu, logvar = m.encode(x)
+        ll = iwae.iw_log_likelihood(x, mu, logvar, lambda z: F.relu(m.fc3(z)), m.fc4.weight, m.fc4.bias,
+                                    num_samples=K, chunk_rows=K * 3, backend="triton",
+                                    generator=torch.Generator(device=DEV).manual_seed(0))
+        z = fastvae.reparameterize(mu, logvar, num_samples=K, backend="triton",
+                                   generator=torch.Generator(device=DEV).manual_seed(0))
+    eps = (z.double() - mu.double()) / torch.exp(0.5 * logvar.double())
+    ref = unfused_bound(x.cpu(), mu.cpu(), logvar.cpu(), eps.cpu(), m.fc3.weight.cpu(), m.fc3.bias.cpu(),
+                        m.fc4.weight.cpu(), m.fc4.bias.cpu())
+    torch.testing.assert_close(ll.cpu(), ref, rtol=1e-5, atol=0)
