@@ -53,6 +53,25 @@ def _world() -> tuple[int, int]:
     return 1, 0
 
 
+def _hidden_fn(model: VAE):
+    """z -> relu(fc3(z)) for the evaluator's chunks, written into one buffer per thread and reused
+    (on CPU a fresh [rows, H] tensor per chunk costs page faults: ~15% of the evaluation)."""
+    if model.fc3.weight.device.type != "cpu":
+        return lambda z: F.relu(model.fc3(z))
+    import threading
+
+    local = threading.local()
+    w, b = model.fc3.weight, model.fc3.bias
+
+    def hidden(z: Tensor) -> Tensor:
+        buf = getattr(local, "buf", None)
+        if buf is None or buf.shape[0] < z.shape[0] or buf.dtype != z.dtype:
+            buf = local.buf = torch.empty(z.shape[0], w.shape[0], dtype=z.dtype)
+        return torch.addmm(b, z, w.t(), out=buf[: z.shape[0]]).relu_()
+
+    return hidden
+
+
 @torch.no_grad()
 def iw_log_likelihood(model: VAE, x: Tensor, iw_samples: int, generator: Optional[torch.Generator] = None,
                       max_elements: Optional[int] = None, progress: bool = False,
@@ -90,7 +109,7 @@ def iw_log_likelihood(model: VAE, x: Tensor, iw_samples: int, generator: Optiona
         if xs.shape[0]:
             mu, logvar = torch.cat([torch.stack(model.encode(xc)) for xc in xs.split(4096)], 1).unbind(0)
             out = _iwae.iw_log_likelihood(
-                xs, mu, logvar, lambda z: F.relu(model.fc3(z)), model.fc4.weight, model.fc4.bias,
+                xs, mu, logvar, _hidden_fn(model), model.fc4.weight, model.fc4.bias,
                 num_samples=iw_samples, eps=eps, generator=generator, chunk_rows=chunk_rows,
                 progress=lambda k: bar.update(k * world), backend=model.backend)
         else:  # more ranks than images
