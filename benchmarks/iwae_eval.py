@@ -8,8 +8,9 @@ commit fc55d78 (``git show fc55d78:fastvae/evaluate.py``) against the streaming 
 
 Reports, per thread count: seconds per image and per sample for both, the speed-up, the projection
 to the 10,000 test images, and a FLOP model of the decoder matmuls, ``2 (L H + H D)`` per sample,
-as a fraction of the throughput of a plain ``torch.mm`` of the decoder output layer's shape
-[rows, H] x [H, D] measured in the same process (the floor: the output layer's matmul alone).
+as a fraction of the throughput of a plain single-threaded ``torch.mm`` of the decoder output
+layer's shape [rows, H] x [H, D] times the thread count, measured in the same process (the floor:
+the output layer's matmul alone).
 Without ``--checkpoint`` the model is a freshly initialised 784-400-20 VAE (the time does not depend
 on the weights). Both evaluators use the same model and images; their bounds agree to Monte-Carlo
 error. ``--json`` writes the figures (default benchmarks/results/iwae-eval-cpu.json).
@@ -203,7 +204,11 @@ def main(argv=None):
     for threads in args.threads:
         torch.set_num_threads(threads)
         rows = chunk_shape(1, args.K, D)[1]
-        mm = mm_throughput(rows, H, D)
+        # the streaming evaluator runs single-threaded ops in `threads` workers: its matmul floor is
+        # `threads` times one thread's torch.mm (a 2-thread torch.mm on a shared machine stalls)
+        torch.set_num_threads(1)
+        mm = threads * mm_throughput(rows, H, D)
+        torch.set_num_threads(threads)
         t_old, t_new, ll_old, ll_new = time_pair(old, model, x, args.K, args.reps)
         samples = x.shape[0] * args.K
         run = {"threads": threads, "old_s": t_old, "new_s": t_new, "speedup": t_old / t_new,
