@@ -284,6 +284,37 @@ def capture_launches():
                         roles[g.data_ptr()] = "grad_out"
                         z.backward(g)
                     current["keep"] = current.get("keep", []) + [mu, lv, eps, z]
+        # ---- reparameterize with K samples per input (IWAE), forward and backward
+        for dname, dt in dtypes.items():
+            mu = _aligned(torch.empty(B, L, dtype=dt)).requires_grad_()
+            lv = _aligned(torch.empty(B, L, dtype=dt)).requires_grad_()
+            roles = {mu.data_ptr(): "mu", lv.data_ptr(): "logvar"}
+            for name, t in (("d_mu", mu), ("d_logvar", lv)):
+                t.register_hook(_role_hook(roles, name))
+            current.update(call=f"reparam {dname} drawn K=5 grad", roles=roles)
+            z = fastvae.reparameterize(mu, lv, num_samples=5, generator=gen, backend="triton")
+            roles[z.data_ptr()] = "z"
+            g = _aligned(torch.ones_like(z))
+            roles[g.data_ptr()] = "grad_out"
+            z.backward(g)
+            current["keep"] = current.get("keep", []) + [mu, lv, z]
+        # ---- fused decoder output layer + likelihood (IWAE): h [M, H] x W [D, H], 5000 samples of 4 images
+        M, H = 20000, 400
+        for dname, dt in dtypes.items():
+            for likelihood in ("bernoulli", "gaussian"):
+                h = _aligned(torch.empty(M, H, dtype=dt))
+                w = _aligned(torch.empty(N, H, dtype=dt))
+                bias = _aligned(torch.empty(N, dtype=dt))
+                x = _aligned(torch.empty(4, N, dtype=dt))
+                roles = {h.data_ptr(): "h", w.data_ptr(): "W", bias.data_ptr(): "bias", x.data_ptr(): "x"}
+                current.update(call=f"decoder_log_px {dname} {likelihood}", roles=roles)
+                out = torch.ops.fastvae.decoder_log_px(h, w, bias, x, 5000, likelihood, 1.0)
+                roles[out.data_ptr()] = "log_px"
+                current.update(call=f"decoder_dlogits {dname} {likelihood}", roles=roles)
+                g = _aligned(torch.empty(4096, dtype=torch.float32))
+                roles[g.data_ptr()] = "grad_out"
+                d = torch.ops.fastvae.decoder_dlogits(h[:4096], w, bias, x, g, 1024, likelihood, 1.0)
+                current["keep"] = current.get("keep", []) + [h, w, bias, x, out, g, d]
     finally:
         _triton_ops.wrap_triton, _backend.interpreter_enabled = saved
     # the recorded launches keep their arguments alive, so no address was reused within a call

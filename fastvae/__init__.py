@@ -1,6 +1,7 @@
 """fastvae: fused Triton kernels for variational autoencoders, with a PyTorch fallback."""
 from ._backend import default_backend, triton_available
 from .functional import elbo_loss, reparameterize
+from .iwae import iwae_loss
 from .modules import FusedELBO
 
 try:  # registers torch.ops.fastvae.* where triton is importable
@@ -10,7 +11,7 @@ except ImportError:
 
 __version__ = "0.1.0"
 
-__all__ = ["elbo_loss", "reparameterize", "FusedELBO", "default_backend", "triton_available"]
+__all__ = ["elbo_loss", "reparameterize", "iwae_loss", "FusedELBO", "default_backend", "triton_available"]
 
 from .data import Dataset, load_dataset  # noqa: E402
 from .evaluate import evaluate  # noqa: E402

@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     p.add_argument("--iw-samples", type=int, default=0,
                    help="K > 0: also compute the IWAE bound of log p(x) with K samples at the end")
+    p.add_argument("--objective", choices=("elbo", "iwae"), default=None,
+                   help="elbo (default) or iwae: train on the K-sample importance-weighted bound")
+    p.add_argument("--train-samples", type=int, default=None,
+                   help="K of --objective iwae (samples per image in the training loss)")
     p.add_argument("--no-figures", action="store_true", help="write no PNG figures")
 
     p = sub.add_parser("evaluate", help="test ELBO and IWAE bound of a trained run")
@@ -89,7 +93,8 @@ def _run(args) -> int:
         from .training import train
 
         result = train(args.dataset, latent_dim=args.latent_dim, out_dir=args.out, resume=args.resume,
-                       iw_samples=args.iw_samples, figures=not args.no_figures, **_train_kwargs(args))
+                       iw_samples=args.iw_samples, figures=not args.no_figures, objective=args.objective,
+                       train_samples=args.train_samples, **_train_kwargs(args))
         m = result.metrics
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line from rank 0 only
             print(f"final test loss {m['final_test_loss']:.2f} nats on {m['dataset']}; outputs in {args.out}")

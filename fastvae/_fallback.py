@@ -504,7 +504,9 @@ def elbo(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, sigma: Tensor | N
 
 def reparameterize(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
     """z = mu + exp(logvar / 2) * eps, differentiated by autograd; computed in fp32 (fp64 for
-    fp64) and rounded once to the output dtype, like the Triton kernel."""
+    fp64) and rounded once to the output dtype, like the Triton kernel. ``eps`` may carry leading
+    sample dimensions ([K, *mu.shape]): mu and logvar broadcast, and autograd sums their gradients
+    over the samples."""
     out = torch.promote_types(mu.dtype, logvar.dtype)
     dt = torch.float64 if out == torch.float64 else torch.float32
     if out == dt and eps.dtype == dt:

@@ -24,6 +24,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import register_autograd, triton_op, wrap_triton
 
 from .kernels import elbo as _elbo
+from .kernels import fused_decoder as _fused_decoder
 from .kernels import reparam as _reparam
 
 # True when TRITON_INTERPRET=1 was set before the kernels were defined: they then run on CPU.
@@ -108,29 +109,52 @@ register_autograd("fastvae::elbo", _elbo_grad, setup_context=_elbo_setup)
 
 
 @triton_op("fastvae::reparameterize", mutates_args={})
-def reparameterize(mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: Optional[Tensor]) -> Tensor:
+def reparameterize(mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: Optional[Tensor],
+                   num_samples: int = 0) -> Tensor:
+    # num_samples = 0: z [M, L]; K >= 1: z [K * M, L] (sample k in rows k*M .. k*M + M - 1)
     out_dtype = torch.promote_types(mu.dtype, logvar.dtype)
-    return _reparam.reparam_forward(wrap_triton, mu, logvar, eps, seed, out_dtype)
+    return _reparam.reparam_forward(wrap_triton, mu, logvar, eps, seed, out_dtype, num_samples)
 
 
 @triton_op("fastvae::reparameterize_backward", mutates_args={})
 def reparameterize_backward(grad: Tensor, logvar: Tensor, eps: Optional[Tensor],
-                            seed: Optional[Tensor], eps_grad: bool) -> tuple[Tensor, Tensor]:
-    return _reparam.reparam_backward(wrap_triton, grad, logvar, eps, seed, eps_grad)
+                            seed: Optional[Tensor], eps_grad: bool,
+                            num_samples: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    return _reparam.reparam_backward(wrap_triton, grad, logvar, eps, seed, eps_grad, num_samples)
 
 
 def _reparam_setup(ctx, inputs, output):
-    mu, logvar, eps, seed = inputs
+    mu, logvar, eps, seed, num_samples = inputs
     ctx.save_for_backward(logvar, eps, seed)
     ctx.mu_dtype = mu.dtype
+    ctx.num_samples = num_samples
 
 
 def _reparam_grad(ctx, grad):
     logvar, eps, seed = ctx.saved_tensors
     eps_grad = eps is not None and ctx.needs_input_grad[2]
-    dlogvar, deps = torch.ops.fastvae.reparameterize_backward(grad, logvar, eps, seed, eps_grad)
-    dmu = grad if grad.dtype == ctx.mu_dtype else grad.to(ctx.mu_dtype)
-    return dmu, dlogvar, (deps if eps_grad else None), None
+    dmu, dlogvar, deps = torch.ops.fastvae.reparameterize_backward(grad, logvar, eps, seed, eps_grad,
+                                                                   ctx.num_samples)
+    if not ctx.num_samples:  # one sample: d mu is the upstream gradient itself
+        dmu = grad
+    dmu = dmu if dmu.dtype == ctx.mu_dtype else dmu.to(ctx.mu_dtype)
+    return dmu, dlogvar, (deps if eps_grad else None), None, None
 
 
 register_autograd("fastvae::reparameterize", _reparam_grad, setup_context=_reparam_setup)
+
+
+# ---- the fused decoder output layer + log-likelihood (IWAE) -------------------------------------
+
+@triton_op("fastvae::decoder_log_px", mutates_args={})
+def decoder_log_px(h: Tensor, weight: Tensor, bias: Optional[Tensor], x: Tensor, group: int,
+                   likelihood: str, sigma: float) -> Tensor:
+    # log p(x | z) per row of h [M, H]; row r's target is x[(r // group) % x.shape[0]]
+    return _fused_decoder.decoder_log_px(wrap_triton, h, weight, bias, x, group, likelihood, sigma)
+
+
+@triton_op("fastvae::decoder_dlogits", mutates_args={})
+def decoder_dlogits(h: Tensor, weight: Tensor, bias: Optional[Tensor], x: Tensor, g: Tensor, group: int,
+                    likelihood: str, sigma: float) -> Tensor:
+    # g[r] * d nll / d logits for a chunk of rows: [M, D] fp32 (the backward of decoder_log_px)
+    return _fused_decoder.decoder_dlogits(wrap_triton, h, weight, bias, x, g, group, likelihood, sigma)

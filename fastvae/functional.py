@@ -214,38 +214,61 @@ def _draw_seed(device: torch.device, generator: Optional[torch.Generator]) -> Te
     return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64, generator=generator)
 
 
-def reparameterize(mu: Tensor, logvar: Tensor, *, eps: Optional[Tensor] = None,
-                   generator: Optional[torch.Generator] = None, backend: str = "auto") -> Tensor:
+def check_num_samples(num_samples) -> None:
+    """A TypeError unless ``num_samples`` is None or an int (bools refused), a ValueError if < 1."""
+    if num_samples is None:
+        return
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int):
+        raise TypeError(f"num_samples must be None or an integer >= 1, got {num_samples!r} "
+                        f"({type(num_samples).__name__})")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be None or an integer >= 1, got {num_samples}")
+
+
+def reparameterize(mu: Tensor, logvar: Tensor, *, num_samples: Optional[int] = None,
+                   eps: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+                   backend: str = "auto") -> Tensor:
     """The reparameterisation trick: ``z = mu + exp(logvar / 2) * eps``.
 
     With ``eps=None``, eps ~ N(0, 1) is drawn inside the Triton kernel (Philox) and never stored;
     its seed comes from ``generator``, else the default generator of mu's device, so
     ``torch.manual_seed`` makes runs reproducible and each call draws fresh noise. Gradients:
     ``d mu = g``, ``d logvar = g * eps * exp(logvar / 2) / 2``.
+
+    ``num_samples=K`` draws K samples per input for importance-weighted objectives: z has shape
+    ``[K, *mu.shape]`` with ``z[k] = mu + exp(logvar / 2) * eps[k]`` (``eps``, if given, is
+    ``[K, *mu.shape]``); the gradients of mu and logvar sum over the K samples, in a fixed order
+    (deterministic). ``num_samples=None`` (the default) gives z of mu's shape; ``num_samples=1``
+    gives the same values with a leading dimension of 1 (the same draw from the same seed).
     """
     for name, t in (("mu", mu), ("logvar", logvar)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         _check_float(name, t)
+    check_num_samples(num_samples)
     if mu.shape != logvar.shape:
         raise ValueError(f"mu and logvar must have the same shape; got mu {tuple(mu.shape)}, "
                          f"logvar {tuple(logvar.shape)}")
     if mu.device != logvar.device:
         raise ValueError(f"mu and logvar must be on one device; got {mu.device} and {logvar.device}")
+    shape = mu.shape if num_samples is None else torch.Size((num_samples, *mu.shape))
     if eps is not None:
+        if not isinstance(eps, Tensor):
+            raise TypeError(f"eps must be a torch.Tensor or None, got {type(eps).__name__}")
         _check_float("eps", eps)
-        if eps.shape != mu.shape or eps.device != mu.device:
-            raise ValueError(f"eps must have mu's shape and device; got eps {tuple(eps.shape)} on "
+        if eps.shape != shape or eps.device != mu.device:
+            want = "mu's shape" if num_samples is None else f"shape [num_samples, *mu.shape] = {tuple(shape)}"
+            raise ValueError(f"eps must have {want} and mu's device; got eps {tuple(eps.shape)} on "
                              f"{eps.device}, mu {tuple(mu.shape)} on {mu.device}")
     tensors = (mu, logvar) if eps is None else (mu, logvar, eps)
     if _backend.resolve(backend, *tensors) == "torch" or mu.numel() == 0:
         if eps is None:
-            eps = torch.randn(mu.shape, device=mu.device, dtype=torch.promote_types(mu.dtype, logvar.dtype),
+            eps = torch.randn(shape, device=mu.device, dtype=torch.promote_types(mu.dtype, logvar.dtype),
                               generator=generator)
         return _fallback.reparameterize(mu, logvar, eps)
     width = mu.shape[-1] if mu.dim() else 1
     m2, v2 = mu.reshape(-1, width), logvar.reshape(-1, width)
     e2 = None if eps is None else eps.reshape(-1, width)
     seed = _draw_seed(mu.device, generator) if eps is None else None
-    z = torch.ops.fastvae.reparameterize(m2, v2, e2, seed)
-    return z.view(mu.shape)
+    z = torch.ops.fastvae.reparameterize(m2, v2, e2, seed, 0 if num_samples is None else num_samples)
+    return z.view(shape)

@@ -32,6 +32,8 @@ from torch import Tensor
 from ._backend import check_backend, hardware_name, interpreter_enabled, triton_available
 from .data import DATASETS, Dataset, load_dataset
 from .evaluate import evaluate, neg_elbo_sum
+from .functional import reparameterize
+from .iwae import iwae_loss
 from .model import VAE, check_positive_int
 from .modules import FusedELBO
 
@@ -46,10 +48,12 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # Hyperparameters: an explicit argument wins, else a resumed checkpoint's value, else this default.
 DEFAULTS: dict[str, Any] = {
     "dataset": "auto", "epochs": 10, "latent_dim": 20, "hidden_dim": 400, "batch_size": 128,
-    "lr": 1e-3, "beta": 1.0, "seed": 1,
+    "lr": 1e-3, "beta": 1.0, "seed": 1, "objective": "elbo", "train_samples": 1,
 }
+OBJECTIVES = ("elbo", "iwae")
 # keys that must not change when a run is resumed (epochs may grow)
-_FIXED_ON_RESUME = ("latent_dim", "hidden_dim", "batch_size", "lr", "beta", "seed")
+_FIXED_ON_RESUME = ("latent_dim", "hidden_dim", "batch_size", "lr", "beta", "seed", "objective",
+                    "train_samples")
 
 
 @dataclass
@@ -139,6 +143,15 @@ def _check_args(cfg: dict, backend: str, iw_samples: int, check_name: bool = Tru
     check_backend(backend)
     if isinstance(iw_samples, bool) or not isinstance(iw_samples, int) or iw_samples < 0:
         raise ValueError(f"iw_samples must be an integer >= 0, got {iw_samples!r}")
+    if cfg["objective"] not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {cfg['objective']!r}")
+    check_positive_int("train_samples", cfg["train_samples"])
+    if cfg["objective"] == "elbo" and cfg["train_samples"] != 1:
+        raise ValueError(f"train_samples={cfg['train_samples']} is the K of objective='iwae'; the ELBO "
+                         "objective draws one sample (pass objective='iwae')")
+    if cfg["objective"] == "iwae" and cfg["beta"] != 1:
+        raise ValueError(f"objective='iwae' is the importance-weighted bound, which has no KL weight; "
+                         f"got beta={cfg['beta']!r} (leave it at 1)")
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -351,6 +364,28 @@ def _device_name(device: torch.device) -> str:
 
 
 # ----------------------------------------------------------------------------- the loop
+class _IWAEForward(torch.nn.Module):
+    """The VAE's forward pass and the K-sample IWAE loss (:func:`fastvae.iwae_loss`) as one module,
+    so that DDP wraps the whole computation (same parameters as the VAE it holds)."""
+
+    def __init__(self, vae: VAE, num_samples: int):
+        super().__init__()
+        self.vae, self.num_samples = vae, num_samples
+
+    def forward(self, xf: Tensor, generator: Optional[torch.Generator] = None,
+                eps: Optional[Tensor] = None) -> Tensor:
+        vae = self.vae
+        mu, logvar = vae.encode(xf)
+        z = reparameterize(mu, logvar, num_samples=self.num_samples, eps=eps, generator=generator,
+                           backend=vae.backend)                       # [K, B, L]
+        h = torch.relu(vae.fc3(z))                                     # [K, B, H]
+        w, b = vae.fc4.weight, vae.fc4.bias
+        dt = torch.float64 if w.dtype == torch.float64 else torch.float32
+        with torch.autocast(xf.device.type, enabled=False):           # the loss in fp32 (or fp64)
+            return iwae_loss(*(t.to(dt) for t in (h, w, b, xf, z, mu, logvar)), reduction="sum",
+                             backend=vae.backend)
+
+
 class Trainer:
     """One process's training state: model, optimizer, generators, the compiled or eager step.
 
@@ -368,12 +403,13 @@ class Trainer:
         # same permutation on every rank; distinct reparameterisation noise per rank
         self.perm_gen = torch.Generator(device=device).manual_seed(cfg["seed"])
         self.noise_gen = torch.Generator(device=device).manual_seed(cfg["seed"] + 1 + d.rank)
-        self.net = model
+        self.iwae = cfg.get("objective", "elbo") == "iwae"
+        self.net = _IWAEForward(model, cfg["train_samples"]) if self.iwae else model
         if d.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [device.index] if device.type == "cuda" else None
-            self.net = DistributedDataParallel(model, device_ids=ids)
+            self.net = DistributedDataParallel(self.net, device_ids=ids)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if amp
                          else contextlib.nullcontext())
         self.forward_loss = self._forward_loss
@@ -387,6 +423,8 @@ class Trainer:
         # the Triton loss reads uint8 targets itself (4x fewer bytes); the CPU fallback takes xf
         target = xb if self.device.type == "cuda" else xf
         with self.autocast:
+            if self.iwae:  # the K-sample bound: net is the encoder, K samples, decoder and loss
+                return self.net(xf, generator=self.noise_gen) if eps is None else self.net(xf, eps=eps)
             if eps is None:
                 logits, mu, logvar = self.net(xf, generator=self.noise_gen)
             else:
@@ -398,8 +436,10 @@ class Trainer:
         if self.compiled:
             # torch.compile cannot take a torch.Generator into its graph: the step's noise is drawn
             # from the run's generator outside it, so the forward and loss stay one graph
-            eps = torch.randn((xb.shape[0], self.model.latent_dim), generator=self.noise_gen,
-                              device=self.device)
+            shape = (xb.shape[0], self.model.latent_dim)
+            if self.iwae:
+                shape = (self.cfg["train_samples"], *shape)
+            eps = torch.randn(shape, generator=self.noise_gen, device=self.device)
         loss = self.forward_loss(xb, eps)
         # DDP averages gradients over ranks; scaling by the world size makes them the gradient
         # of the summed loss over the global batch, as in one process
@@ -468,7 +508,8 @@ def train(dataset: Union[str, Dataset, None] = None, *, epochs: Optional[int] = 
           out_dir: Union[str, Path, None] = "runs/vae", backend: str = "auto", compile: bool = False,
           precision: str = "auto", amp: bool = False, resume: bool = False, overwrite: bool = False,
           iw_samples: int = 0, data_dir: Union[str, Path, None] = None, figures: bool = True,
-          progress: bool = True, init: Optional[VAE] = None) -> TrainResult:
+          progress: bool = True, init: Optional[VAE] = None, objective: Optional[str] = None,
+          train_samples: Optional[int] = None) -> TrainResult:
     """Train the classic VAE and write its outputs.
 
     Args:
@@ -492,6 +533,10 @@ def train(dataset: Union[str, Dataset, None] = None, *, epochs: Optional[int] = 
         overwrite: replace the run in ``out_dir``: its outputs are deleted when the first epoch of
             the new run has trained.
         iw_samples: K > 0 also computes the IWAE bound of log p(x) on the test set at the end.
+        objective: "elbo" (default) or "iwae": the K-sample importance-weighted bound of Burda et
+            al. (2016) with K = ``train_samples`` (:func:`fastvae.iwae_loss`; beta must stay 1).
+            The per-epoch test loss stays the one-sample negative ELBO for both.
+        train_samples: K of ``objective="iwae"`` (default 1, the ELBO's single sample).
         data_dir: where the IDX files are, or go when downloaded.
         figures: write the PNG figures; progress: show tqdm bars.
         init: start from this model's weights (copied; its sizes set latent_dim and hidden_dim)
@@ -509,7 +554,7 @@ def train(dataset: Union[str, Dataset, None] = None, *, epochs: Optional[int] = 
     """
     explicit = {"dataset": dataset if not isinstance(dataset, Dataset) else None, "epochs": epochs,
                 "latent_dim": latent_dim, "hidden_dim": hidden_dim, "batch_size": batch_size, "lr": lr,
-                "beta": beta, "seed": seed}
+                "beta": beta, "seed": seed, "objective": objective, "train_samples": train_samples}
     explicit = {k: v for k, v in explicit.items() if v is not None}
     if init is not None:
         if not isinstance(init, VAE):
@@ -616,7 +661,8 @@ def _train(cfg, dataset, dev, d, out, ckpt, backend, compile, precision, resume,
     }
     _log(d, f"fastvae: training a {data.input_dim}-{cfg['hidden_dim']}-{cfg['latent_dim']} VAE on "
             f"{data.name} ({n_train} train / {data.test_x.shape[0]} test images) on {metrics['device']}"
-            + (f" with {d.world} processes" if d.world > 1 else ""))
+            + (f" with {d.world} processes" if d.world > 1 else "")
+            + (f", objective: the IWAE bound with K={cfg['train_samples']}" if cfg["objective"] == "iwae" else ""))
     _log(d, f"fastvae: precision {used_precision} ({why})")
 
     for epoch in range(start_epoch, cfg["epochs"]):
@@ -661,7 +707,7 @@ def _train(cfg, dataset, dev, d, out, ckpt, backend, compile, precision, resume,
             write_metrics(out / METRICS, _metrics(metrics, history, n_train))
 
     metrics = _metrics(metrics, history, n_train)
-    if iw_samples and d.main:
+    if iw_samples:  # every rank takes part: the IWAE bound is sharded over the ranks
         gen = torch.Generator(device=dev).manual_seed(cfg["seed"])
         result = evaluate(model, data, iw_samples=iw_samples, generator=gen, progress=progress)
         metrics.update(iw_samples=iw_samples, iw_log_likelihood=result["iw_log_likelihood"],

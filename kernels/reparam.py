@@ -10,6 +10,18 @@ index; it is never written to memory. The backward pass draws the same eps again
 The tensors [M, L] are walked as flat 1-D arrays, BLOCK elements per program: with contiguous
 inputs the loads and stores are 128-bit vectors; other strides are read through (row, column)
 offsets computed from the flat index. Outputs are new contiguous tensors.
+
+K samples per input (``num_samples=K``, for importance-weighted bounds): z [K, M, L] with
+z[k, i] = mu[i] + exp(logvar[i] / 2) * eps[k, i]. The forward walks the K * M * L outputs as one
+flat array (flat index k * M * L + i, which is also the Philox offset of the drawn eps[k, i], so
+sample 0 draws what K = None draws from the same seed). The backward runs one program per BLOCK
+inputs i and loops over k = 0 .. K-1 in order (deterministic, no atomics), drawing eps again:
+
+    d mu[i] = sum_k g[k, i],   d logvar[i] = sum_k g[k, i] * eps[k, i] * exp(logvar[i] / 2) / 2,
+    d eps[k, i] = g[k, i] * exp(logvar[i] / 2).
+
+Both are accumulated in fp32 and rounded once. With K = None the same kernels run with K = 1 and
+d mu is the upstream gradient itself (no kernel).
 """
 from __future__ import annotations
 
@@ -45,14 +57,17 @@ def _eps(eps_ptr, seed_ptr, offs, m, L, stride_eb, stride_el,
 @triton.jit
 def _reparam_fwd_kernel(
     mu_ptr, logvar_ptr, eps_ptr, seed_ptr, z_ptr,
-    n, L,
+    n, n_in, L,
     stride_mb, stride_ml, stride_vb, stride_vl, stride_eb, stride_el,
-    CONTIG: tl.constexpr, HAS_EPS: tl.constexpr, RNG64: tl.constexpr, BLOCK: tl.constexpr,
+    CONTIG: tl.constexpr, HAS_EPS: tl.constexpr, RNG64: tl.constexpr, SAMPLES: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
+    # n = K * n_in outputs; output k * n_in + i reads input i (SAMPLES: K > 1 may occur)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     m = offs < n
-    mu = tl.load(mu_ptr + _strided(offs, L, stride_mb, stride_ml, CONTIG), mask=m, other=0).to(tl.float32)
-    lv = tl.load(logvar_ptr + _strided(offs, L, stride_vb, stride_vl, CONTIG), mask=m, other=0).to(tl.float32)
+    i = offs % n_in if SAMPLES else offs
+    mu = tl.load(mu_ptr + _strided(i, L, stride_mb, stride_ml, CONTIG), mask=m, other=0).to(tl.float32)
+    lv = tl.load(logvar_ptr + _strided(i, L, stride_vb, stride_vl, CONTIG), mask=m, other=0).to(tl.float32)
     e = _eps(eps_ptr, seed_ptr, offs, m, L, stride_eb, stride_el, CONTIG, HAS_EPS, RNG64)
     z = mu + tl.exp(0.5 * lv) * e
     tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=m)
@@ -60,21 +75,31 @@ def _reparam_fwd_kernel(
 
 @triton.jit
 def _reparam_bwd_kernel(
-    g_ptr, logvar_ptr, eps_ptr, seed_ptr, dlogvar_ptr, deps_ptr,
-    n, L,
+    g_ptr, logvar_ptr, eps_ptr, seed_ptr, dmu_ptr, dlogvar_ptr, deps_ptr,
+    n_in, K, L,
     stride_gb, stride_gl, stride_vb, stride_vl, stride_eb, stride_el,
     CONTIG: tl.constexpr, HAS_EPS: tl.constexpr, RNG64: tl.constexpr, EPS_GRAD: tl.constexpr,
-    BLOCK: tl.constexpr,
+    DMU: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # one program per BLOCK inputs i; the K samples k * n_in + i are summed in order k = 0, 1, ...
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    m = offs < n
-    g = tl.load(g_ptr + _strided(offs, L, stride_gb, stride_gl, CONTIG), mask=m, other=0).to(tl.float32)
+    m = offs < n_in
     lv = tl.load(logvar_ptr + _strided(offs, L, stride_vb, stride_vl, CONTIG), mask=m, other=0).to(tl.float32)
-    e = _eps(eps_ptr, seed_ptr, offs, m, L, stride_eb, stride_el, CONTIG, HAS_EPS, RNG64)
     sigma = tl.exp(0.5 * lv)
-    tl.store(dlogvar_ptr + offs, (0.5 * g * e * sigma).to(dlogvar_ptr.dtype.element_ty), mask=m)
-    if EPS_GRAD:
-        tl.store(deps_ptr + offs, (g * sigma).to(deps_ptr.dtype.element_ty), mask=m)
+    acc_mu = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_ge = tl.zeros([BLOCK], dtype=tl.float32)
+    o = offs                                      # int64 flat index k * n_in + i of sample k
+    for _k in range(0, K):
+        g = tl.load(g_ptr + _strided(o, L, stride_gb, stride_gl, CONTIG), mask=m, other=0).to(tl.float32)
+        e = _eps(eps_ptr, seed_ptr, o, m, L, stride_eb, stride_el, CONTIG, HAS_EPS, RNG64)
+        acc_mu += g
+        acc_ge += g * e
+        if EPS_GRAD:
+            tl.store(deps_ptr + o, (g * sigma).to(deps_ptr.dtype.element_ty), mask=m)
+        o += n_in
+    tl.store(dlogvar_ptr + offs, (0.5 * acc_ge * sigma).to(dlogvar_ptr.dtype.element_ty), mask=m)
+    if DMU:
+        tl.store(dmu_ptr + offs, acc_mu.to(dmu_ptr.dtype.element_ty), mask=m)
 
 
 def _strides(*ts):
@@ -84,33 +109,43 @@ def _strides(*ts):
     return out
 
 
-def reparam_forward(kernel_launch, mu, logvar, eps, seed, out_dtype):
-    """z [M, L] from 2-D ``mu``/``logvar`` and either ``eps`` [M, L] or a one-element int64 ``seed``."""
+def reparam_forward(kernel_launch, mu, logvar, eps, seed, out_dtype, num_samples: int = 0):
+    """z from 2-D ``mu``/``logvar`` [M, L] and either ``eps`` or a one-element int64 ``seed``:
+    [M, L] (``num_samples=0``, eps [M, L]) or [K * M, L] for K = ``num_samples`` >= 1 (eps
+    [K * M, L], sample k in rows k * M .. k * M + M - 1)."""
     M, L = mu.shape
-    n = M * L
-    z = torch.empty((M, L), device=mu.device, dtype=out_dtype)
+    K = max(num_samples, 1)
+    n_in = M * L
+    n = K * n_in
+    z = torch.empty((K * M, L), device=mu.device, dtype=out_dtype)
     contig = all(t is None or t.is_contiguous() for t in (mu, logvar, eps))
     kernel_launch(_reparam_fwd_kernel)[(triton.cdiv(n, _BLOCK),)](
-        mu, logvar, eps if eps is not None else mu, seed if seed is not None else mu, z, n, L,
+        mu, logvar, eps if eps is not None else mu, seed if seed is not None else mu, z, n, n_in, L,
         *_strides(mu, logvar, eps),
-        CONTIG=contig, HAS_EPS=eps is not None, RNG64=n >= 2**31, BLOCK=_BLOCK, num_warps=_WARPS,
+        CONTIG=contig, HAS_EPS=eps is not None, RNG64=n >= 2**31, SAMPLES=K > 1, BLOCK=_BLOCK,
+        num_warps=_WARPS,
     )
     return z
 
 
-def reparam_backward(kernel_launch, grad, logvar, eps, seed, eps_grad: bool):
-    """(d logvar, d eps or an empty tensor) for upstream ``grad`` [M, L]."""
+def reparam_backward(kernel_launch, grad, logvar, eps, seed, eps_grad: bool, num_samples: int = 0):
+    """(d mu or an empty tensor, d logvar, d eps or an empty tensor) for upstream ``grad``
+    ([M, L], or [K * M, L] for K = ``num_samples`` >= 1). d mu is only computed for K >= 1
+    (with ``num_samples=0`` it is ``grad`` itself); it is returned in logvar's dtype."""
     M, L = logvar.shape
-    n = M * L
+    K = max(num_samples, 1)
+    n_in = M * L
+    dmu = torch.empty((M, L) if num_samples else (0,), device=logvar.device, dtype=logvar.dtype)
     dlogvar = torch.empty((M, L), device=logvar.device, dtype=logvar.dtype)
-    deps = torch.empty((M, L) if eps_grad else (0,), device=logvar.device,
+    deps = torch.empty((K * M, L) if eps_grad else (0,), device=logvar.device,
                        dtype=eps.dtype if eps is not None else logvar.dtype)
     contig = all(t is None or t.is_contiguous() for t in (grad, logvar, eps))
-    kernel_launch(_reparam_bwd_kernel)[(triton.cdiv(n, _BLOCK),)](
+    kernel_launch(_reparam_bwd_kernel)[(triton.cdiv(n_in, _BLOCK),)](
         grad, logvar, eps if eps is not None else logvar, seed if seed is not None else logvar,
-        dlogvar, deps if eps_grad else dlogvar,  # a valid pointer, never written without EPS_GRAD
-        n, L, *_strides(grad, logvar, eps),
-        CONTIG=contig, HAS_EPS=eps is not None, RNG64=n >= 2**31, EPS_GRAD=eps_grad,
-        BLOCK=_BLOCK, num_warps=_WARPS,
+        dmu if num_samples else dlogvar, dlogvar,  # valid pointers, never written without the flags
+        deps if eps_grad else dlogvar,
+        n_in, K, L, *_strides(grad, logvar, eps),
+        CONTIG=contig, HAS_EPS=eps is not None, RNG64=K * n_in >= 2**31, EPS_GRAD=eps_grad,
+        DMU=bool(num_samples), BLOCK=_BLOCK, num_warps=_WARPS,
     )
-    return dlogvar, deps
+    return dmu, dlogvar, deps

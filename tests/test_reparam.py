@@ -131,3 +131,121 @@ def test_bad_arguments():
         fastvae.reparameterize(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 4))
     with pytest.raises(ValueError, match="backend"):
         fastvae.reparameterize(torch.zeros(3, 4), torch.zeros(3, 4), backend="numpy")
+
+
+# ---- num_samples = K: z [K, *mu.shape] ---------------------------------------------------------
+
+@pytest.mark.parametrize("K,shape", [(1, (7, 20)), (3, (7, 20)), (4, (3, 5, 9)), (2, (1, 1))])
+def test_num_samples_given_eps_matches_oracle(backend_device, K, shape):
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(10 + K)
+    mu, logvar = (torch.randn(shape, generator=g).to(device) for _ in range(2))
+    eps, go = (torch.randn((K, *shape), generator=g).to(device) for _ in range(2))
+    m, v, e = leaves(mu, logvar, eps)
+    z = fastvae.reparameterize(m, v, num_samples=K, eps=e, backend=backend)
+    assert z.shape == (K, *shape)
+    z.backward(go)
+    ref_z, ref = oracle.reparameterize(mu, logvar, eps, go)   # broadcasts over K, sums the grads
+    torch.testing.assert_close(z.double().cpu(), ref_z, rtol=1e-6, atol=1e-6)
+    for name, t in (("mu", m), ("logvar", v), ("eps", e)):
+        assert t.grad.shape == t.shape
+        torch.testing.assert_close(t.grad.double().cpu(), ref[name], rtol=1e-6, atol=1e-6)
+
+
+def test_num_samples_non_contiguous(backend_device):
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(11)
+    K = 3
+    h = torch.randn(6, 16, generator=g).to(device)
+    mu, logvar = h.chunk(2, dim=1)                                    # strided views
+    eps = torch.randn(8, 6, K, generator=g).permute(2, 1, 0).to(device)  # [K, 6, 8], not contiguous
+    go = torch.randn(6, K, 8, generator=g).transpose(0, 1).to(device)
+    m, v, e = leaves(mu, logvar, eps)
+    z = fastvae.reparameterize(m, v, num_samples=K, eps=e, backend=backend)
+    z.backward(go)
+    ref_z, ref = oracle.reparameterize(mu, logvar, eps, go)
+    torch.testing.assert_close(z.double().cpu(), ref_z, rtol=1e-6, atol=1e-6)
+    for name, t in (("mu", m), ("logvar", v), ("eps", e)):
+        torch.testing.assert_close(t.grad.double().cpu(), ref[name], rtol=1e-6, atol=1e-6)
+
+
+def test_num_samples_one_is_todays_draw(backend_device):
+    backend, device = backend_device
+    mu = torch.randn(9, 20).to(device)
+    logvar = torch.randn(9, 20).to(device)
+    torch.manual_seed(5)
+    a = fastvae.reparameterize(mu, logvar, backend=backend)
+    torch.manual_seed(5)
+    b = fastvae.reparameterize(mu, logvar, num_samples=1, backend=backend)
+    assert a.shape == (9, 20) and b.shape == (1, 9, 20)
+    assert torch.equal(a, b[0])
+
+
+def test_num_samples_drawn_noise_is_independent_standard_normal(backend_device):
+    backend, device = backend_device
+    torch.manual_seed(77)
+    K, M, L = 50, 16, 20
+    mu = torch.full((M, L), 3.0, device=device)
+    logvar = torch.full((M, L), float(np.log(4.0)), device=device)
+    z = fastvae.reparameterize(mu, logvar, num_samples=K, backend=backend).double().cpu()
+    e = (z - 3.0) / 2.0                                               # [K, M, L]
+    flat = e.flatten().numpy()
+    n = flat.size
+    assert abs(flat.mean()) < 4 / np.sqrt(n)
+    assert abs(flat.std() - 1) < 4 * np.sqrt(0.5 / n)
+    assert stats.kstest(flat, "norm").pvalue > 1e-3
+    # the samples of one input differ and are uncorrelated across k (no repeated stream)
+    a, b = e[:-1].flatten().numpy(), e[1:].flatten().numpy()
+    assert abs(np.corrcoef(a, b)[0, 1]) < 4 / np.sqrt(a.size)
+    assert (e[0] != e[1]).all()
+
+
+def test_num_samples_backward_redraws_same_noise_and_is_deterministic(backend_device):
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(12)
+    K = 6
+    mu = torch.randn(17, 20, generator=g).to(device)
+    logvar = torch.randn(17, 20, generator=g).to(device)
+    go = torch.randn(K, 17, 20, generator=g).to(device)
+    grads = []
+    for _ in range(2):
+        m, v = leaves(mu, logvar)
+        z = fastvae.reparameterize(m, v, num_samples=K, generator=torch.Generator(device=device).manual_seed(9),
+                                   backend=backend)
+        z.backward(go)
+        grads.append((z.detach(), m.grad, v.grad))
+    z = grads[0][0]
+    eps = (z.double() - mu.double()) / torch.exp(0.5 * logvar.double())
+    _, ref = oracle.reparameterize(mu, logvar, eps, go)
+    torch.testing.assert_close(grads[0][1].double(), ref["mu"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[0][2].double(), ref["logvar"], rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads[0], grads[1]):
+        assert torch.equal(a, b)                                      # bitwise reproducible
+
+
+@pytest.mark.parametrize("bad,err", [(0, ValueError), (-2, ValueError), (True, TypeError),
+                                     (2.0, TypeError), ("3", TypeError)])
+def test_num_samples_bad_values(bad, err):
+    with pytest.raises(err, match="num_samples"):
+        fastvae.reparameterize(torch.zeros(3, 4), torch.zeros(3, 4), num_samples=bad)
+
+
+def test_num_samples_eps_shape_checked():
+    with pytest.raises(ValueError, match=r"num_samples.*\(2, 3, 4\)"):
+        fastvae.reparameterize(torch.zeros(3, 4), torch.zeros(3, 4), num_samples=2,
+                               eps=torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="eps"):
+        fastvae.reparameterize(torch.zeros(3, 4), torch.zeros(3, 4), eps=torch.zeros(2, 3, 4))
+
+
+@pytest.mark.skipif(not fastvae.triton_available(), reason="needs triton")
+def test_num_samples_op_registration():
+    # as in test_compile: the fake-tensor check needs real (not interpreted) kernels
+    cuda = torch.cuda.is_available()
+    checks = ("test_schema", "test_autograd_registration") + (("test_faketensor",) if cuda else ())
+    dev = "cuda" if cuda else "cpu"
+    mu = torch.randn(5, 3, device=dev, requires_grad=True)
+    logvar = torch.randn(5, 3, device=dev, requires_grad=True)
+    eps, seed = torch.randn(10, 3, device=dev), torch.tensor([42], device=dev)
+    for args in ((mu, logvar, eps, None, 2), (mu, logvar, None, seed, 2)):
+        torch.library.opcheck(torch.ops.fastvae.reparameterize.default, args, test_utils=checks)
