@@ -145,6 +145,11 @@ def _likelihood_args(likelihood: str, sigma: float):
     return code, 1.0, 0.0
 
 
+def _unit_stride(t):
+    # rows read with unit column stride (the tiles' inner dimension)
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
 def decoder_log_px(kernel_launch, h, weight, bias, x, group: int, likelihood: str = "bernoulli",
                    sigma: float = 1.0):
     """log p(x | z) per row of ``h`` [M, H]: fp32 [M]. ``x`` [n_img, D] holds one target image per
@@ -152,10 +157,7 @@ def decoder_log_px(kernel_launch, h, weight, bias, x, group: int, likelihood: st
     M, H = h.shape
     D = weight.shape[0]
     n_img = x.shape[0]
-    h = h if h.stride(1) == 1 else h.contiguous()
-    weight = weight.to(h.dtype)
-    weight = weight if weight.stride(1) == 1 else weight.contiguous()
-    x = x if x.stride(1) == 1 else x.contiguous()
+    h, weight, x = _unit_stride(h), _unit_stride(weight.to(h.dtype)), _unit_stride(x)
     code, inv_sigma, log_norm = _likelihood_args(likelihood, sigma)
     linear = code in LINEAR_IN_TARGET
     if linear:
@@ -180,10 +182,7 @@ def decoder_dlogits(kernel_launch, h, weight, bias, x, g, group: int, likelihood
     """d [M, D] fp32 with d[r, j] = g[r] * d nll / d l_rj for the rows of ``h`` (a chunk)."""
     M, H = h.shape
     D = weight.shape[0]
-    h = h if h.stride(1) == 1 else h.contiguous()
-    weight = weight.to(h.dtype)
-    weight = weight if weight.stride(1) == 1 else weight.contiguous()
-    x = x if x.stride(1) == 1 else x.contiguous()
+    h, weight, x = _unit_stride(h), _unit_stride(weight.to(h.dtype)), _unit_stride(x)
     code, inv_sigma, log_norm = _likelihood_args(likelihood, sigma)
     d = torch.empty(M, D, device=h.device, dtype=torch.float32)
     kernel_launch(_decoder_dlogits_kernel)[(triton.cdiv(M, _BLOCK_M), triton.cdiv(D, _BLOCK_N))](
