@@ -55,7 +55,8 @@ _MAX_BLOCK_N = 128
 _MAX_BLOCK_L = 64
 
 
-from .likelihoods import BERNOULLI_PROBS, CONT_BERNOULLI, decoder_nll, gaussian_kl, likelihood_code
+from .likelihoods import (BERNOULLI_PROBS, CONT_BERNOULLI, decoder_nll, gaussian_kl, gaussian_sigma_params,
+                          likelihood_code)
 
 # ---- forward (+ gradients): flat tiling -----------------------------------------------------------
 
@@ -160,8 +161,8 @@ def _elbo_rows_kernel(
         if SIGMA_PTR:
             sig = tl.load(sigma_ptr + rows[:, None] * stride_sb + cols[None, :] * stride_sn,
                           mask=m, other=1.0).to(tl.float32)
-            nll, ds, dt, dsig = decoder_nll(s, t, 1.0 / sig, tl.log(sig) + 0.9189385332046727,
-                                            LIKELIHOOD)
+            sig_inv, sig_log_norm = gaussian_sigma_params(sig)
+            nll, ds, dt, dsig = decoder_nll(s, t, sig_inv, sig_log_norm, LIKELIHOOD)
         else:
             nll, ds, dt, dsig = decoder_nll(s, t, inv_sigma, log_norm, LIKELIHOOD)
         acc += tl.where(m, nll, 0.0)
@@ -264,10 +265,9 @@ def _scale_grads_kernel(
         if PER_ROW:
             rows = offs // N
             f = _row_g(g_ptr, stride_gc, stride_gb, rows, m, 0) + _row_g(g_ptr, stride_gc, stride_gb, rows, m, 1)
-            f = tl.where(m, f, 1.0)
         else:  # one scalar each: no per-element gathers
             f = tl.load(g_ptr).to(tl.float32) + tl.load(g_ptr + stride_gc).to(tl.float32)
-            f = tl.where(m, f, 1.0)
+        f = tl.where(m, f, 1.0)
         if _must_scale(f):
             va = tl.load(a_ptr + offs, mask=m, other=0).to(tl.float32)
             tl.store(a_ptr + offs, (va * f).to(a_ptr.dtype.element_ty), mask=m)
@@ -354,7 +354,6 @@ def elbo_forward(kernel_launch, recon, x, mu, logvar, sigma, inv_sigma: float, l
     dmu = buffer((B, L), grad, mu)
     dlogvar = buffer((B, L), grad, logvar)
     act = active_dims(mu, logvar, free_bits) if free_bits > 0 else torch.empty(0, device=dev)
-    # the flat tiling has no free bits (its latent partial sums are whole-batch sums of the KL)
     # a pointer that is never written stands in for a buffer that is not asked for
     act_ptr = act if free_bits > 0 else mu
     sigma_ptr = sigma if sigma is not None else recon
@@ -364,6 +363,7 @@ def elbo_forward(kernel_launch, recon, x, mu, logvar, sigma, inv_sigma: float, l
     flags = dict(LIKELIHOOD=likelihood_code(likelihood, from_logits), X_U8=x.dtype == torch.uint8,
                  GRAD=grad, X_GRAD=x_grad)
 
+    # the flat tiling has no free bits (its latent partial sums are whole-batch sums of the KL)
     if reduction != "none" and sigma is None and free_bits == 0 and _flat(recon, x, mu, logvar):
         # the heavier likelihoods (probabilities, continuous Bernoulli) hold 4 elements per thread
         # and stream instead of 8, to stay at or above 50% occupancy

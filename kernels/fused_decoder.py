@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .likelihoods import BERNOULLI_LOGITS, CONT_BERNOULLI, decoder_nll, likelihood_code
+from .likelihoods import BERNOULLI_LOGITS, CONT_BERNOULLI, decoder_nll, likelihood_code, likelihood_params
 
 _BLOCK_M = 64
 _BLOCK_N = 64
@@ -135,14 +135,7 @@ def _precision(dtype: torch.dtype):
 
 
 def _likelihood_args(likelihood: str, sigma: float):
-    code = likelihood_code(likelihood, True)
-    if likelihood == "mse":
-        return code, 2.0 ** 0.5, 0.0
-    if likelihood == "gaussian":
-        import math
-
-        return code, 1.0 / sigma, math.log(sigma) + 0.9189385332046727
-    return code, 1.0, 0.0
+    return (likelihood_code(likelihood, True), *likelihood_params(likelihood, sigma))
 
 
 def _unit_stride(t):

@@ -19,6 +19,8 @@ Likelihood codes (``tl.constexpr``), chosen by the launchers from the Python-sid
 """
 from __future__ import annotations
 
+import math
+
 import triton
 import triton.language as tl
 
@@ -28,6 +30,7 @@ GAUSSIAN = 2
 CONT_BERNOULLI = 3
 
 LOG_SQRT_2PI = 0.9189385332046727  # log(2 pi) / 2
+_LOG_SQRT_2PI = tl.constexpr(LOG_SQRT_2PI)  # the same, readable inside @triton.jit functions
 
 
 def likelihood_code(likelihood: str, from_logits: bool) -> int:
@@ -39,6 +42,23 @@ def likelihood_code(likelihood: str, from_logits: bool) -> int:
     if likelihood == "continuous_bernoulli":
         return CONT_BERNOULLI
     raise ValueError(f"unknown likelihood {likelihood!r}")
+
+
+def likelihood_params(likelihood: str, sigma: float = 1.0) -> tuple[float, float]:
+    """(inv_sigma, log_norm) of :func:`decoder_nll` for a number sigma: the Gaussian's
+    ``1 / sigma`` and ``log sigma + log(2 pi) / 2``; "mse" is the Gaussian with sigma^2 = 1/2
+    without its constant; the other likelihoods do not use them."""
+    if likelihood == "mse":
+        return 2.0 ** 0.5, 0.0
+    if likelihood == "gaussian":
+        return 1.0 / sigma, math.log(sigma) + LOG_SQRT_2PI
+    return 1.0, 0.0
+
+
+@triton.jit
+def gaussian_sigma_params(sig):
+    """(inv_sigma, log_norm) of :func:`decoder_nll` for a per-element sigma tensor."""
+    return 1.0 / sig, tl.log(sig) + _LOG_SQRT_2PI
 
 
 @triton.jit
