@@ -73,7 +73,6 @@ def _times(buf: Tensor, f: Tensor) -> Tensor:
 def _elbo_setup(ctx, inputs, output):
     ctx.grad_written, ctx.x_grad, ctx.sigma_grad = inputs[-3:]
     ctx.beta = inputs[7]
-    ctx.has_sigma = inputs[4] is not None
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(*output[1:])
 

@@ -8,7 +8,6 @@ the fused output-layer + likelihood kernel (no logits in memory).
 """
 from __future__ import annotations
 
-import math
 import sys
 from typing import Optional, Union
 
@@ -20,8 +19,6 @@ from . import iwae as _iwae
 from .data import Dataset
 from .functional import elbo_loss
 from .model import VAE
-
-LOG_2PI = math.log(2.0 * math.pi)
 
 
 def _images(data: Union[Tensor, Dataset], device: torch.device) -> Tensor:

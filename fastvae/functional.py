@@ -214,15 +214,22 @@ def _draw_seed(device: torch.device, generator: Optional[torch.Generator]) -> Te
     return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64, generator=generator)
 
 
+def check_count(name: str, value, optional: bool = False) -> Optional[int]:
+    """``value`` if it is an int >= 1 (bools refused; None too when ``optional``), else a TypeError
+    (not an int) or a ValueError (< 1) naming ``name``."""
+    if optional and value is None:
+        return None
+    what = "None or an integer >= 1" if optional else "an integer >= 1"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be {what}, got {value}")
+    return value
+
+
 def check_num_samples(num_samples) -> None:
     """A TypeError unless ``num_samples`` is None or an int (bools refused), a ValueError if < 1."""
-    if num_samples is None:
-        return
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int):
-        raise TypeError(f"num_samples must be None or an integer >= 1, got {num_samples!r} "
-                        f"({type(num_samples).__name__})")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be None or an integer >= 1, got {num_samples}")
+    check_count("num_samples", num_samples, optional=True)
 
 
 def reparameterize(mu: Tensor, logvar: Tensor, *, num_samples: Optional[int] = None,

@@ -34,15 +34,11 @@ import torch
 from torch import Tensor
 
 from . import _backend
-from ._fallback import _sum_log
-from .functional import reparameterize
+from ._fallback import _sum_log, _threads
+from .functional import REDUCTIONS, check_count, reparameterize
 
 # Decoder-output elements per chunk and torch thread (fp32 logits: 512 KB, L2-sized)
 _CHUNK_ELEMENTS = 1 << 17
-
-
-def _threads() -> int:
-    return max(1, min(torch.get_num_threads(), 8))
 
 
 def _check_tensor(name: str, t, dims: int) -> None:
@@ -52,15 +48,6 @@ def _check_tensor(name: str, t, dims: int) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if t.dim() != dims:
         raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(t.shape)}")
-
-
-def check_iw_samples(name: str, k) -> int:
-    """``k`` if it is an int >= 1 (bools refused), else a TypeError / ValueError naming ``name``."""
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"{name} must be an integer >= 1, got {k!r} ({type(k).__name__})")
-    if k < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {k}")
-    return k
 
 
 def _check_decoder_inputs(x: Tensor, mu: Tensor, logvar: Tensor, weight: Tensor,
@@ -181,7 +168,7 @@ def iw_log_likelihood(x: Tensor, mu: Tensor, logvar: Tensor, decoder_hidden: Cal
     Memory is independent of K: one chunk of logits (none on the Triton path) and a running
     log-sum-exp per image.
     """
-    K = check_iw_samples("num_samples", num_samples)
+    K = check_count("num_samples", num_samples)
     _check_decoder_inputs(x, mu, logvar, weight, bias, eps, K)
     if not callable(decoder_hidden):
         raise TypeError(f"decoder_hidden must be callable (z -> h), got {type(decoder_hidden).__name__}")
@@ -270,9 +257,6 @@ def iw_log_likelihood(x: Tensor, mu: Tensor, logvar: Tensor, decoder_hidden: Cal
 
 
 # ---- the K-sample bound as a training loss --------------------------------------------------------
-
-IWAE_REDUCTIONS = ("sum", "batchmean", "none")
-
 
 def _row_chunk_samples(K: int, B: int, D: int, device: torch.device) -> int:
     """Samples per chunk for sample-major rows [K, B]: whole samples (multiples of B rows) with
@@ -371,9 +355,9 @@ def iwae_loss(h: Tensor, weight: Tensor, bias: Optional[Tensor], x: Tensor, z: T
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if reduction not in IWAE_REDUCTIONS:
+    if reduction not in REDUCTIONS:
         hint = " ('batchmean' is the mean over the batch of the per-image losses)" if reduction == "mean" else ""
-        raise ValueError(f"reduction must be one of {IWAE_REDUCTIONS}, got {reduction!r}{hint}")
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}{hint}")
     if h.dim() != 3 or z.dim() != 3 or h.shape[:2] != z.shape[:2]:
         raise ValueError(f"h and z must be [K, B, H] and [K, B, L] with the same K and B; got h "
                          f"{tuple(h.shape)}, z {tuple(z.shape)}")
