@@ -39,6 +39,7 @@ the one precomputed per-element derivative and the grad_output of each term.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
@@ -101,6 +102,11 @@ def _sum_log(u: Tensor) -> Tensor:
         logp = torch.prod(part, 1, dtype=torch.float64).log_()
         out = logp if out is None else out.add_(logp)
     return out
+
+
+def _cut(ws, rows: int) -> list[Tensor]:
+    """The scratch tensors cut to a chunk of ``rows`` rows (no slicing for a whole one)."""
+    return ws if ws[0].shape[0] == rows else [w[:rows] for w in ws]
 
 
 # ---- likelihoods -------------------------------------------------------------------------------
@@ -187,7 +193,7 @@ def _cb_log_norm(s: Tensor, value: bool, grad: bool, ws=None) -> tuple[Tensor | 
 def _bernoulli_logits(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale) -> Tensor:
     """BCE on logits, ``softplus(s) - s*t``, per row. Writes ``scale * (sigmoid(s) - t)`` into d_s
     (accurate relative to itself at confident logits) and ``-scale * s`` into d_t."""
-    a, b = (w[: s.shape[0]] for w in ws[:2])
+    a, b = _cut(ws, s.shape[0])[:2]
     e = torch.abs(s, out=a).neg_().exp_()          # e = exp(-|s|) in (0, 1]
     u = torch.add(e, 1.0, out=b)                   # u = fl(1 + e) in [1, 2]
     if d_s is not None:
@@ -225,7 +231,7 @@ def _bernoulli_probs(p, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale)
     outside [0, 1] or NaN gives NaN (a log of a negative number) instead of an error, as on the
     Triton path. d_s with PyTorch's guard: ``(p - t) / max(p (1 - p), 1e-12)``; d_t the difference
     of the clamped logs."""
-    a, b = (w[: p.shape[0]] for w in ws[:2])
+    a, b = _cut(ws, p.shape[0])[:2]
     logp = torch.log(p, out=a).clamp_(min=-100.0)
     log1mp = torch.neg(p, out=b).log1p_().clamp_(min=-100.0)
     if d_t is not None:
@@ -253,7 +259,7 @@ def _gaussian(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale) -> Ten
     """``0.5 z^2 + log_norm`` with ``z = (s - t) / sigma`` per row: sigma the floats (inv_sigma,
     log_norm), or the per-element ``sig`` (log_norm = log sig + log(2 pi)/2). Gradients
     ``d_s = z / sigma = -d_t``, ``d_sig = (1 - z^2) / sigma``, times scale."""
-    a, b = (w[: s.shape[0]] for w in ws[:2])
+    a, b = _cut(ws, s.shape[0])[:2]
     D = s.shape[1]
     if sig is None:  # three passes: s - t, the gradient, the row sums of squares
         r = torch.sub(s, t, out=a)
@@ -292,7 +298,7 @@ def _gaussian_grads(s, t, sig, inv_sigma, log_norm, want, scale):
 def _continuous_bernoulli(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale) -> Tensor:
     """The continuous Bernoulli on logits: ``bce(s, t) - log C(s)`` per row (see _cb_log_norm)."""
     rows = _bernoulli_logits(s, t, None, 1.0, 0.0, ws, d_s, d_t, None, scale)
-    log_c, d_log_c = _cb_log_norm(s, True, d_s is not None, [w[: s.shape[0]] for w in ws])
+    log_c, d_log_c = _cb_log_norm(s, True, d_s is not None, _cut(ws, s.shape[0]))
     if d_s is not None:
         d_s.sub_(d_log_c.mul_(scale) if scale != 1.0 else d_log_c)
     # in float64: near s = 0 the bce and log C rows are both about D log 2 and cancel
@@ -328,26 +334,31 @@ def _likelihood(likelihood: str, from_logits: bool):
 
 def _kl_terms(mu: Tensor, logvar: Tensor, free_bits: float):
     """(kl rows, kl_eff rows, the [L] float mask of the dims above the free-bits floor or None,
-    exp(logvar)); kl_eff_i = sum_k (KL_ik if active_k else free_bits)."""
-    ev = logvar.exp()
-    kl_el = torch.addcmul(ev, mu, mu).sub_(1.0).sub_(logvar).mul_(0.5)
-    kl = kl_el.sum(1)
+    h = exp(logvar) - 1, a buffer of the op's own); kl_eff_i = sum_k (KL_ik if active_k else
+    free_bits). The KL is ``0.5 (h - logvar + mu^2)`` per element; ``h`` is d KL / d logvar
+    times 2, kept for the backward."""
+    h = logvar.exp().sub_(1.0)
+    kl2 = torch.sub(h, logvar).addcmul_(mu, mu)              # 2 KL_ik
     if free_bits <= 0.0:
-        return kl, kl, None, ev
+        kl = kl2.sum(1).mul_(0.5)
+        return kl, kl, None, h
+    kl_el = kl2.mul_(0.5)
     with torch.no_grad():
         active = kl_el.mean(0) > free_bits
     kl_eff = torch.where(active, kl_el, free_bits).sum(1)
-    return kl, kl_eff, active.to(kl_el.dtype), ev
+    return kl_el.sum(1), kl_eff, active.to(kl_el.dtype), h
 
 
-def _kl_grads(mu: Tensor, ev: Tensor, weight) -> tuple[Tensor, Tensor]:
-    """(d / d mu, d / d logvar) of ``weight * KL``: ``weight * mu`` and ``weight * (ev - 1) / 2``,
-    with ``ev = exp(logvar)``; ``weight`` a float or a tensor broadcasting against mu."""
-    return mu * weight, (ev - 1.0) * (0.5 * weight)
+def _kl_grads(mu: Tensor, h: Tensor, weight) -> tuple[Tensor, Tensor]:
+    """(d / d mu, d / d logvar) of ``weight * KL``: ``weight * mu`` and ``weight * h / 2``, with
+    ``h = exp(logvar) - 1``; ``weight`` a float or a tensor broadcasting against mu."""
+    return mu * weight, h * (0.5 * weight)
 
 
-def _kl_weight(g: Tensor, beta: float, active: Tensor | None, scale: float, per_row: bool):
-    """d out . g / d KL_ik: ``((g0 beta + g3) a_k + g2) * scale``, [B, L] / [L] / a scalar."""
+def _kl_weight(g, beta: float, active: Tensor | None, scale: float, per_row: bool):
+    """d out . g / d KL_ik: ``((g0 beta + g3) a_k + g2) * scale``, [B, L] / [L] / a scalar; ``g``
+    the grad_outputs of (loss, reconstruction, kl, kl_eff): tensors, or floats (then so is the
+    weight, unless there is a free-bits mask)."""
     gk, g2 = g[0] * beta + g[3], g[2]
     if per_row:
         gk, g2 = gk[:, None], g2[:, None]
@@ -355,15 +366,11 @@ def _kl_weight(g: Tensor, beta: float, active: Tensor | None, scale: float, per_
     return w * scale if scale != 1.0 else w
 
 
-def _reduce(rows: Tensor, reduction: str) -> Tensor:
-    """[4, B] per-row terms reduced over the batch: [4] ("sum", "batchmean") or [4, B]."""
-    if reduction == "none":
-        return rows
-    out = rows.sum(1)
-    return out.div_(rows.shape[1]) if reduction == "batchmean" else out
-
-
 # ---- the op ------------------------------------------------------------------------------------
+
+def _as(t: Tensor, dt: torch.dtype) -> Tensor:
+    return t if t.dtype == dt else t.to(dt)
+
 
 def _grad_buffer(t: Tensor, dt: torch.dtype) -> Tensor:
     """A contiguous buffer for t's gradient, in the compute dtype (cast when handed over)."""
@@ -371,41 +378,50 @@ def _grad_buffer(t: Tensor, dt: torch.dtype) -> Tensor:
 
 
 def _forward(recon, x, mu, logvar, sigma, args, want):
-    """(rows [4, B], (d recon, d x, d sigma), active, exp(logvar)): the per-row terms and, where
-    ``want`` (for recon, x, sigma), the likelihood's gradients for ``(g0 + g1) = 1`` (scale of the
-    reduction included), in the compute dtype."""
+    """((loss, reconstruction, kl, kl_eff), (d recon, d x, d sigma), active, h): the four terms
+    reduced like the op's output (four distinct tensors) and, where ``want`` (for recon, x,
+    sigma), the likelihood's gradients for ``(g0 + g1) = 1`` (scale of the reduction included), in
+    the compute dtype; ``h = exp(logvar) - 1`` (see _kl_terms)."""
     inv_sigma, log_norm, beta, free_bits, likelihood, from_logits, reduction = args
     dt = _compute_dtype(recon)
     B, D = recon.shape
     scale = 1.0 / B if reduction == "batchmean" else 1.0
     fast = _likelihood(likelihood, from_logits)[0]
-    kl, kl_eff, active, ev = _kl_terms(mu.to(dt), logvar.to(dt), free_bits)
+    kl, kl_eff, active, h = _kl_terms(_as(mu, dt), _as(logvar, dt), free_bits)
     bufs = [_grad_buffer(t, dt) if w else None for t, w in zip((recon, x, sigma), want)]
     chunks = _row_chunks(B, D)
     step = B if chunks[0] is None else chunks[0].stop
     ws = [torch.empty(step, D, dtype=dt, device=recon.device)
           for _ in range(_WORKSPACES.get(likelihood, 2))]
     t_ws = torch.empty(step, D, dtype=dt, device=recon.device) if x.dtype == torch.uint8 else None
-    rec = None
+    rec = None  # float64 rows
     for c in chunks:
-        s = _take(recon, c).to(dt)
+        s = _as(_take(recon, c), dt)
         t = _target(_take(x, c), dt, None if t_ws is None else t_ws[: s.shape[0]])
-        sig = None if sigma is None else _take(sigma, c).to(dt)
+        sig = None if sigma is None else _as(_take(sigma, c), dt)
         part = fast(s, t, sig, inv_sigma, log_norm, ws,
                     *(None if b is None else _take(b, c) for b in bufs), scale)
         if c is None:
-            rec = part.to(dt)
+            rec = part
         else:
             if rec is None:
-                rec = torch.empty(B, dtype=dt, device=recon.device)
+                rec = torch.empty(B, dtype=torch.float64, device=recon.device)
             rec[c] = part
-    loss = rec + beta * kl_eff if beta != 0.0 else rec
-    return torch.stack([loss, rec, kl, kl_eff]), bufs, active, ev
+    if reduction == "none":
+        rec, kl_eff = rec.to(dt), (kl.clone() if kl_eff is kl else kl_eff)
+    else:  # the batch's sum (or mean) of the float64 rows, rounded once
+        red = torch.sum if reduction == "sum" else torch.mean
+        same = kl_eff is kl
+        rec, kl = red(rec).to(dt), red(kl)
+        kl_eff = kl.clone() if same else red(kl_eff)
+    loss = torch.add(rec, kl_eff, alpha=beta) if beta != 0.0 else rec.clone()
+    return (loss, rec, kl, kl_eff), bufs, active, h
 
 
 def _recompute_grads(recon, x, mu, logvar, sigma, args, want, g, active):
     """The gradients from the saved inputs with out-of-place ops: for a second backward of the
-    same graph, ``create_graph=True`` (differentiable) and torch.compile tracing."""
+    same graph, ``create_graph=True`` (differentiable) and torch.compile tracing. ``g``: the
+    grad_outputs of the four terms stacked, [4] or [4, B]."""
     inv_sigma, log_norm, beta, free_bits, likelihood, from_logits, reduction = args
     dt = _compute_dtype(recon)
     per_row = reduction == "none"
@@ -424,7 +440,7 @@ def _recompute_grads(recon, x, mu, logvar, sigma, args, want, g, active):
                 grads[i] = d * f
     if want[2] or want[3]:
         m, v = mu.to(dt), logvar.to(dt)
-        d_mu, d_logvar = _kl_grads(m, v.exp(), _kl_weight(g, beta, active, scale, per_row))
+        d_mu, d_logvar = _kl_grads(m, v.exp() - 1.0, _kl_weight(g, beta, active, scale, per_row))
         grads[2] = d_mu if want[2] else None
         grads[3] = d_logvar if want[3] else None
     return grads
@@ -438,7 +454,7 @@ def _is_one(grad: Tensor) -> bool:
 
 
 class ELBOFunction(torch.autograd.Function):
-    """out = [loss, reconstruction, kl, kl_eff], reduced over the batch ([4]) or per row ([4, B]);
+    """(loss, reconstruction, kl, kl_eff), each reduced over the batch (0-dim) or per row ([B]);
     2-D inputs (recon, x [B, N]; mu, logvar [B, L]; sigma None or [B, N])."""
 
     @staticmethod
@@ -449,54 +465,62 @@ class ELBOFunction(torch.autograd.Function):
         want = (need[0], need[1], sigma is not None and need[4])
         single_pass = grad_enabled and any(need[:5]) and not torch.compiler.is_compiling()
         # autocast-safe: the loss is always computed in fp32 (or fp64), whatever autocast is on
-        with torch.autocast(recon.device.type, enabled=False):
-            rows, bufs, active, ev = _forward(recon, x, mu, logvar, sigma, args,
+        dev = recon.device.type
+        with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else nullcontext():
+            terms, bufs, active, h = _forward(recon, x, mu, logvar, sigma, args,
                                               want if single_pass else (False,) * 3)
         ctx.save_for_backward(recon, x, mu, logvar, sigma)
         ctx.args = args
         ctx.active = active
         ctx.dtypes = (recon.dtype, x.dtype, mu.dtype, logvar.dtype,
                       None if sigma is None else sigma.dtype)
-        ctx.single = (bufs, ev) if single_pass else None
-        return _reduce(rows, args[-1])
+        ctx.single = (bufs, h) if single_pass else None
+        return terms
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *gs):
         args = ctx.args
         beta, reduction = args[2], args[-1]
         want = ctx.needs_input_grad[:5]
         single, ctx.single = ctx.single, None  # handed over once: a later backward recomputes
-        g = grad.to(_compute_dtype(ctx.saved_tensors[0]))
+        saved = ctx.saved_tensors
+        dt = _compute_dtype(saved[0])
         per_row = reduction == "none"
         if single is None or torch.is_grad_enabled():
-            grads = _recompute_grads(*ctx.saved_tensors, args, want, g, ctx.active)
+            grads = _recompute_grads(*saved, args, want, _as(torch.stack(gs), dt), ctx.active)
         else:
-            bufs, ev = single
-            f = g[0] + g[1]
-            if not _is_one(f):  # scale the op's own buffers in place
+            bufs, h = single
+            if not per_row and saved[0].device.type == "cpu":
+                g = [t.item() for t in gs]  # free on CPU: every factor is a Python float
+                f = g[0] + g[1]
+                scale_bufs = f != 1.0
+            else:
+                g = _as(torch.stack(gs), dt)
+                f = g[0] + g[1]
+                scale_bufs = not _is_one(f)
                 f = f[:, None] if per_row else f
+            if scale_bufs:  # scale the op's own buffers in place
                 for t in bufs:
                     if t is not None:
                         t.mul_(f)
             grads = [bufs[0], bufs[1], None, None, bufs[2]]
             if want[2] or want[3]:
-                _, _, mu, _, _ = ctx.saved_tensors
-                scale = 1.0 / mu.shape[0] if reduction == "batchmean" else 1.0
-                d_mu, d_logvar = _kl_grads(mu.to(ev.dtype), ev, _kl_weight(g, beta, ctx.active, scale, per_row))
-                grads[2] = d_mu if want[2] else None
-                grads[3] = d_logvar if want[3] else None
+                scale = 1.0 / h.shape[0] if reduction == "batchmean" else 1.0
+                w = _kl_weight(g, beta, ctx.active, scale, per_row)
+                grads[2] = _as(saved[2], dt) * w if want[2] else None
+                grads[3] = h.mul_(0.5 * w) if want[3] else None  # h is the op's own
         # each gradient in its input's dtype (no copy when the buffer already is)
-        out = [None if t is None or not w else t.to(dt) for t, dt, w in zip(grads, ctx.dtypes, want)]
+        out = [None if t is None or not w else _as(t, dt) for t, dt, w in zip(grads, ctx.dtypes, want)]
         del grads
         return (*out, None, None)
 
 
 def elbo(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, sigma: Tensor | None, inv_sigma: float,
          log_norm: float, beta: float, free_bits: float, likelihood: str, from_logits: bool,
-         reduction: str) -> Tensor:
-    """The backend contract (README, kernels/likelihoods.py): ``out = [loss, reconstruction, kl,
-    kl_eff]`` reduced over the batch ([4]) or per row ([4, B], reduction="none"), float32 (float64
-    for float64 recon); differentiable w.r.t. recon, x, mu, logvar and sigma."""
+         reduction: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backend contract (README, kernels/likelihoods.py): ``(loss, reconstruction, kl,
+    kl_eff)``, each reduced over the batch (0-dim) or per row ([B], reduction="none"), float32
+    (float64 for float64 recon); differentiable w.r.t. recon, x, mu, logvar and sigma."""
     args = (float(inv_sigma), float(log_norm), float(beta), float(free_bits), likelihood,
             bool(from_logits), reduction)
     return ELBOFunction.apply(recon, x, mu, logvar, sigma, args, torch.is_grad_enabled())

@@ -73,17 +73,19 @@ def _check_elbo_inputs(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor) -> 
     _check_float("logvar", logvar)
     if not (x.is_floating_point() or x.dtype == torch.uint8):
         raise TypeError(f"x must be floating point, or uint8 pixel intensities read as x/255; got {x.dtype}")
-    shapes = (f"recon {tuple(recon.shape)}, x {tuple(x.shape)}, mu {tuple(mu.shape)}, "
-              f"logvar {tuple(logvar.shape)}")
+    def shapes():
+        return (f"recon {tuple(recon.shape)}, x {tuple(x.shape)}, mu {tuple(mu.shape)}, "
+                f"logvar {tuple(logvar.shape)}")
     if recon.dim() < 1 or x.dim() < 1 or recon.shape[0] != x.shape[0] or recon.numel() != x.numel():
         raise ValueError("recon and x must be [B, ...] with the same batch size and number of "
-                         f"elements; got {shapes}")
+                         f"elements; got {shapes()}")
     if mu.dim() != 2 or mu.shape != logvar.shape or mu.shape[0] != recon.shape[0]:
-        raise ValueError(f"mu and logvar must both be [B, L] with the batch size of recon; got {shapes}")
-    if recon.shape[0] == 0 or recon.numel() == 0 or mu.numel() == 0:
-        raise ValueError(f"elbo_loss needs a non-empty batch; got {shapes}")
-    devices = {t.device for t in (recon, x, mu, logvar)}
-    if len(devices) > 1:
+        raise ValueError(f"mu and logvar must both be [B, L] with the batch size of recon; got {shapes()}")
+    if recon.numel() == 0 or mu.numel() == 0:
+        raise ValueError(f"elbo_loss needs a non-empty batch; got {shapes()}")
+    device = recon.device
+    if x.device != device or mu.device != device or logvar.device != device:
+        devices = {t.device for t in (recon, x, mu, logvar)}
         raise ValueError(f"recon, x, mu and logvar must be on one device; got {sorted(map(str, devices))}")
     if x.requires_grad and not recon.requires_grad:
         # costs no sync: the classic slip of calling loss(x, recon, ...) trains the wrong objective
@@ -202,8 +204,8 @@ def elbo_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, reduction
         out = torch.ops.fastvae.elbo(r2, x2, mu, logvar, *args, grad, grad and x.requires_grad,
                                      grad and sig is not None and sig.requires_grad)[0]
     else:
-        out = _fallback.elbo(r2, x2, mu, logvar, *args)
-    loss = out[0] if beta_t is None else out[1] + beta_t.to(device=out.device, dtype=out.dtype) * out[3]
+        out = _fallback.elbo(r2, x2, mu, logvar, *args)  # a tuple of the four
+    loss = out[0] if beta_t is None else out[1] + beta_t.to(device=out[1].device, dtype=out[1].dtype) * out[3]
     if return_components:
         return ELBOComponents(loss, out[1], out[2])
     return loss
