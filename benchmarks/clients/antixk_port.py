@@ -17,7 +17,8 @@ batch. (The parameter gradients are compared tensor by tensor, in norm, except t
 convolutions that feed a BatchNorm: their gradient is 0 in exact arithmetic, rounding noise of
 ~1e-8 here, so their difference is given relative to the norm of the whole gradient.)
 
-    python benchmarks/clients/antixk_port.py --antixk /path/to/PyTorch-VAE --steps 100
+    python benchmarks/clients/antixk_port.py --antixk /path/to/PyTorch-VAE --steps 100   # ~2.5 min
+    python benchmarks/clients/antixk_port.py --antixk ... --backend triton   # the interpreter: ~17 min
 """
 from __future__ import annotations
 

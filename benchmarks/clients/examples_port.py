@@ -13,8 +13,8 @@ A second, non-identical port is also checked: the decoder without its sigmoid an
 ``from_logits=True`` (the same objective, computed stably on logits; it differs where
 ``F.binary_cross_entropy`` clamps its logs at -100 and where the sigmoid rounds to 0 or 1).
 
-    python benchmarks/clients/examples_port.py --examples /path/to/pytorch-examples --steps 200
-    python benchmarks/clients/examples_port.py --examples ... --backend triton   # the interpreter
+    python benchmarks/clients/examples_port.py --examples /path/to/pytorch-examples --steps 200  # ~20 s
+    python benchmarks/clients/examples_port.py --examples ... --backend triton   # the interpreter: ~6 min
 """
 from __future__ import annotations
 
