@@ -58,7 +58,8 @@ def antixk_port(recon, x, mu, logvar, kld_weight, backend):
     n = x[0].numel()
     out = fastvae.elbo_loss(recon, x, mu, logvar, likelihood="mse", reduction="batchmean",
                             beta=kld_weight * n, return_components=True, backend=backend)
-    return {"loss": out.loss / n, "Reconstruction_Loss": out.reconstruction / n, "KLD": -out.kl}
+    return {"loss": out.loss / n, "Reconstruction_Loss": out.reconstruction.detach() / n,
+            "KLD": -out.kl.detach()}
 
 
 CASES = {
