@@ -261,13 +261,17 @@ def _gaussian(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale) -> Ten
     ``d_s = z / sigma = -d_t``, ``d_sig = (1 - z^2) / sigma``, times scale."""
     a, b = _cut(ws, s.shape[0])[:2]
     D = s.shape[1]
-    if sig is None:  # three passes: s - t, the gradient, the row sums of squares
-        r = torch.sub(s, t, out=a)
+    if sig is None:  # s - t, the gradient (unless it is s - t itself), the row sums of squares
         k = inv_sigma * inv_sigma
-        if d_s is not None:
-            torch.mul(r, k * scale, out=d_s)
+        c = k * scale
+        if d_s is not None and c == 1.0:
+            r = torch.sub(s, t, out=d_s)
+        else:
+            r = torch.sub(s, t, out=a)
+            if d_s is not None:
+                torch.mul(r, c, out=d_s)
         if d_t is not None:
-            torch.mul(r, -k * scale, out=d_t)
+            torch.mul(r, -c, out=d_t)
         rows = torch.mul(r, r, out=b).sum(1).double().mul_(0.5 * k)  # positive terms: fp32 sums
         return rows.add_(D * log_norm) if log_norm != 0.0 else rows
     inv = torch.reciprocal(sig, out=b)
@@ -446,6 +450,13 @@ def _recompute_grads(recon, x, mu, logvar, sigma, args, want, g, active):
     return grads
 
 
+def _grad_stack(gs, dt: torch.dtype) -> Tensor:
+    """The four terms' grad_outputs as one [4] or [4, B] tensor in ``dt``; None (an output the
+    backward did not reach) as zeros."""
+    ref = next(t for t in gs if t is not None)
+    return _as(torch.stack([torch.zeros_like(ref) if t is None else t for t in gs]), dt)
+
+
 def _is_one(grad: Tensor) -> bool:
     """grad == 1 everywhere, checked on the host: only for CPU tensors, where it is free."""
     if grad.device.type != "cpu":
@@ -463,7 +474,10 @@ class ELBOFunction(torch.autograd.Function):
         # on outside the Function and an input requires grad), and never under tracing
         need = ctx.needs_input_grad
         want = (need[0], need[1], sigma is not None and need[4])
-        single_pass = grad_enabled and any(need[:5]) and not torch.compiler.is_compiling()
+        compiling = torch.compiler.is_compiling()
+        single_pass = grad_enabled and any(need[:5]) and not compiling
+        if not compiling:  # the unused outputs' grad_outputs come as None, not as zeros
+            ctx.set_materialize_grads(False)
         # autocast-safe: the loss is always computed in fp32 (or fp64), whatever autocast is on
         dev = recon.device.type
         with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else nullcontext():
@@ -479,6 +493,8 @@ class ELBOFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *gs):
+        if all(t is None for t in gs):  # no output reached (gradcheck tries it)
+            return (None,) * 7
         args = ctx.args
         beta, reduction = args[2], args[-1]
         want = ctx.needs_input_grad[:5]
@@ -487,15 +503,15 @@ class ELBOFunction(torch.autograd.Function):
         dt = _compute_dtype(saved[0])
         per_row = reduction == "none"
         if single is None or torch.is_grad_enabled():
-            grads = _recompute_grads(*saved, args, want, _as(torch.stack(gs), dt), ctx.active)
+            grads = _recompute_grads(*saved, args, want, _grad_stack(gs, dt), ctx.active)
         else:
             bufs, h = single
             if not per_row and saved[0].device.type == "cpu":
-                g = [t.item() for t in gs]  # free on CPU: every factor is a Python float
+                g = [0.0 if t is None else t.item() for t in gs]  # free on CPU: Python floats
                 f = g[0] + g[1]
                 scale_bufs = f != 1.0
             else:
-                g = _as(torch.stack(gs), dt)
+                g = _grad_stack(gs, dt)
                 f = g[0] + g[1]
                 scale_bufs = not _is_one(f)
                 f = f[:, None] if per_row else f
