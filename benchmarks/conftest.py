@@ -79,6 +79,9 @@ def pytest_addoption(parser):
 
 
 # set in the subprocesses that --fastvae-cpu-levels / --fastvae-threads start
+# What the suite writes itself: with several (level, threads) runs, the first run's results would
+# otherwise mark the next one as run on uncommitted code.
+SUITE_OUTPUTS = ("benchmarks/results/", "benchmarks/README.md")
 CHILD_ENV = "FASTVAE_BENCH_CHILD"
 THREADS_ENV = "FASTVAE_BENCH_THREADS"
 DRIVER_OPTIONS = ("--fastvae-cpu-levels", "--fastvae-threads")
@@ -336,6 +339,16 @@ def _load_report():
     return module
 
 
+def pytest_benchmark_update_commit_info(config, commit_info):
+    """``dirty``: a tracked file other than the suite's own outputs differs from the commit."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                             text=True, check=True, cwd=Path(__file__).resolve().parent.parent).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return
+    commit_info["dirty"] = any(not line[3:].startswith(SUITE_OUTPUTS) for line in out.splitlines())
+
+
 def pytest_sessionfinish(session, exitstatus):
     config = session.config
     if not config.getoption("fastvae_save", default=False):
@@ -351,6 +364,7 @@ def pytest_sessionfinish(session, exitstatus):
     machine_info = bs.get_machine_info()
     machine_info["other_cpu_load_at_start"] = getattr(config, "_fastvae_other_load", None)
     commit_info = config.hook.pytest_benchmark_generate_commit_info(config=config)
+    config.hook.pytest_benchmark_update_commit_info(config=config, commit_info=commit_info)
     output = config.hook.pytest_benchmark_generate_json(
         config=config, benchmarks=benchmarks, include_data=False,
         machine_info=machine_info, commit_info=commit_info)
