@@ -23,13 +23,14 @@ convolutions that feed a BatchNorm: their gradient is 0 in exact arithmetic, rou
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from _common import add_run_options, import_fastvae
 
 
 def load_vanilla_vae(path):
@@ -135,15 +136,10 @@ def main():
     p.add_argument("--hidden", type=int, nargs=5, default=[16, 32, 64, 128, 512],
                    help="hidden_dims (5 stride-2 stages from 64x64 to 2x2; the last must be 512)")
     p.add_argument("--kld-weight", type=float, default=0.00025, help="M_N (configs/vae.yaml's kld_weight)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
+    add_run_options(p)
     args = p.parse_args()
-    os.environ["FASTVAE_BACKEND"] = args.backend          # the port's lines stay as the README's
-    if args.backend == "triton":
-        os.environ.setdefault("TRITON_INTERPRET", "1")   # before fastvae is imported (CPU)
-    import fastvae
+    fastvae = import_fastvae(args)
     from fastvae._backend import resolve
-    torch.set_num_threads(args.threads)
     VanillaVAE = load_vanilla_vae(args.antixk)
     FastVanillaVAE = make_port(VanillaVAE, fastvae)
     data = fastvae.load_dataset("fashion-mnist", download=False)

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from _common import add_run_options, import_fastvae
+
 
 def load_examples(path):
     """``VAE`` and ``loss_function`` from pytorch/examples' vae/main.py (a checkout or the file),
@@ -118,15 +120,10 @@ def main():
                    help="a checkout of github.com/pytorch/examples, or the path of its vae/main.py")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
+    add_run_options(p)
     args = p.parse_args()
-    os.environ["FASTVAE_BACKEND"] = args.backend          # the port's lines stay as the README's
-    if args.backend == "triton":
-        os.environ.setdefault("TRITON_INTERPRET", "1")   # before fastvae is imported (CPU)
-    import fastvae
+    fastvae = import_fastvae(args)
     from fastvae._backend import resolve
-    torch.set_num_threads(args.threads)
     VAE, loss_function = load_examples(args.examples)
 
     def port(recon_batch, data, mu, logvar):
