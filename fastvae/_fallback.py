@@ -33,8 +33,8 @@ torch ops only (no compile step, no C++ toolchain):
 Each likelihood's math sits in one small function (``_bernoulli_logits``, ``_bernoulli_probs``,
 ``_gaussian``, ``_continuous_bernoulli``) that returns a chunk's per-row NLL and writes its
 gradients, with an out-of-place twin of its derivatives for the recompute path. The op returns
-``(loss, reconstruction, kl, kl_eff)``, four tensors (see :func:`elbo`), whose backward forms every gradient from
-the one precomputed per-element derivative and the grad_output of each term.
+four tensors ``(loss, reconstruction, kl, kl_eff)`` (see :func:`elbo`), whose backward forms every
+gradient from the one precomputed per-element derivative and the grad_output of each term.
 """
 from __future__ import annotations
 
