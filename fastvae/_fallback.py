@@ -411,13 +411,12 @@ def _forward(recon, x, mu, logvar, sigma, args, want):
             if rec is None:
                 rec = torch.empty(B, dtype=torch.float64, device=recon.device)
             rec[c] = part
-    if reduction == "none":
-        rec, kl_eff = rec.to(dt), (kl.clone() if kl_eff is kl else kl_eff)
-    else:  # the batch's sum (or mean) of the float64 rows, rounded once
+    same = kl_eff is kl  # no free bits: one KL, returned as two distinct outputs
+    if reduction != "none":  # the batch's sum (or mean) of the float64 rows, rounded once
         red = torch.sum if reduction == "sum" else torch.mean
-        same = kl_eff is kl
-        rec, kl = red(rec).to(dt), red(kl)
-        kl_eff = kl.clone() if same else red(kl_eff)
+        rec, kl, kl_eff = red(rec), red(kl), (None if same else red(kl_eff))
+    rec = rec.to(dt)
+    kl_eff = kl.clone() if same else kl_eff
     loss = torch.add(rec, kl_eff, alpha=beta) if beta != 0.0 else rec.clone()
     return (loss, rec, kl, kl_eff), bufs, active, h
 
