@@ -74,3 +74,14 @@ def test_compare_train_script_reports_speed_against_the_matmul_floor(tmp_path):
         assert run[f"fraction_of_{prec}_matmul_floor"] == pytest.approx(floor["epoch_seconds"] / run["mean_epoch_seconds"])
         assert run[f"fraction_of_{prec}_matmul_floor"] > 0  # (its size is a timing: not asserted)
         assert abs(run["test_loss_difference"]) < 25  # one epoch of 4 steps from the same start: close
+
+
+def test_train_step_ab_script_reports_both_shortcuts():
+    """benchmarks/train_step_ab.py on mnist-5k, one round: each side timed 20 times (what it
+    reports, not how fast)."""
+    from benchmarks.train_step_ab import main
+
+    r = main(["--dataset", "mnist-5k", "--rounds", "1"])
+    assert set(r) == {"step, gradients by hand", "step, autograd", "optimizer_step", "opt.step + zero_grad"}
+    for v in r.values():
+        assert 0 < v["q1"] <= v["median"] <= v["q3"]
