@@ -27,38 +27,44 @@ through autograd.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 from . import _backend, _fallback
 from .model import VAE
 
 
-def _hooked(model: VAE) -> bool:
+_LAYERS = ("fc1", "fc21", "fc22", "fc3", "fc4")
+
+
+def _hooked(model: VAE, layers, params) -> bool:
     if (_module._global_forward_hooks or _module._global_forward_pre_hooks
             or _module._global_backward_hooks or _module._global_backward_pre_hooks):
         return True
-    for m in (model, model.fc1, model.fc21, model.fc22, model.fc3, model.fc4):
+    for m in (model, *layers):
         if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
             return True
-    return any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None)
-               for p in model.parameters())
+    return any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in params)
 
 
 def manual_step_supported(model: VAE, backend: str) -> bool:
     """True when :func:`vae_elbo_grads` computes what autograd would for this model right now:
-    the plain VAE on the loss's PyTorch fallback, float32/float64 weights needing gradients and
-    holding none yet, no hooks."""
+    the plain VAE with its five ``nn.Linear`` layers, on the loss's PyTorch fallback, float32 or
+    float64 weights needing gradients and holding none yet, no hooks. Checked at every step."""
     if type(model) is not VAE:
         return False
-    params = list(model.parameters())
+    modules = model._modules
+    layers = [modules.get(name) for name in _LAYERS]
+    if any(type(m) is not nn.Linear or m.bias is None for m in layers):
+        return False
+    params = [t for m in layers for t in (m.weight, m.bias)]
     w = params[0]
-    if w.dtype not in (torch.float32, torch.float64) or _backend.resolve(backend, w) != "torch":
+    dtype = w.dtype
+    if dtype not in (torch.float32, torch.float64) or _backend.resolve(backend, w) != "torch":
         return False
-    if any(p.grad is not None or not p.requires_grad or p.dtype != w.dtype or p.device != w.device
-           for p in params):
+    if any(p.grad is not None or not p.requires_grad or p.dtype != dtype for p in params):
         return False
-    return not _hooked(model)
+    return not _hooked(model, layers, params)
 
 
 def vae_elbo_grads(model: VAE, xb: Tensor, beta: float, generator: torch.Generator | None) -> Tensor:

@@ -396,6 +396,10 @@ class Trainer:
 
     ``cfg`` needs ``batch_size``, ``lr``, ``beta`` and ``seed``. :func:`train` drives it; use it
     directly (with :func:`train_epoch`) to run fastvae's epoch loop inside your own code.
+
+    :meth:`step` computes the plain VAE's gradients by hand where it can (see the module
+    docstring) and through autograd otherwise, the same gradients either way; hooks on the model
+    or its parameters, or on ``opt``, send it through autograd and ``opt.step()``.
     """
 
     def __init__(self, model: VAE, cfg: dict, device: torch.device, d: Optional[_Dist] = None,

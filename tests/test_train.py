@@ -367,3 +367,15 @@ def test_manual_step_is_what_trainer_uses_and_steps_like_autograd(small):
     assert manual_step_supported(hooked, "auto")
     hooked.fc1.weight.register_hook(lambda g: g)
     assert not manual_step_supported(hooked, "auto")
+    swapped = fastvae.VAE()
+    swapped.fc3 = torch.nn.Sequential(torch.nn.Linear(20, 400))  # a layer that is not a plain Linear
+    assert not manual_step_supported(swapped, "auto")
+    swapped.fc3 = torch.nn.Linear(20, 400, bias=False)
+    assert not manual_step_supported(swapped, "auto")
+    frozen = fastvae.VAE()
+    frozen.fc21.bias.requires_grad_(False)
+    assert not manual_step_supported(frozen, "auto")
+    assert not manual_step_supported(fastvae.VAE().half(), "auto")
+    accumulating = fastvae.VAE()  # gradients already there: autograd adds to them
+    accumulating.fc4.bias.grad = torch.zeros(784)
+    assert not manual_step_supported(accumulating, "auto")
