@@ -14,7 +14,7 @@ torch ops only (no compile step, no C++ toolchain):
   1e-7 relative to ``log1p(e)``. ``sum(log(u))`` over a row is the log of a float64 product
   (no log per element), and the row sums of the parts are taken separately. (Bernoulli on
   probabilities keeps ``F.binary_cross_entropy``'s ``log1p``; the continuous Bernoulli's
-  log-normaliser uses ``expm1``, whose AVX-512 speed is not measured yet.)
+  log-normaliser needs only ``exp``, ``log`` and ``reciprocal``.)
 * **No cancellation at confident logits.** ``relu(s) - s*t`` is formed per element (exactly 0 for
   s = 15, t = 1) before summing, instead of ``softplus(s).sum() - s.t`` over a row, which came out
   0.0 for a row whose loss is 2.4e-4.
@@ -123,18 +123,22 @@ _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 _LOG_2 = math.log(2.0)
 
 # continuous Bernoulli: log C(s) = log(s / tanh(s/2)) and d log C / ds = 1/s - 1/sinh(s) (odd).
-# With a = |s| and m = -expm1(-a) = 1 - e^-a (accurate at any a), tanh(a/2) = m / (2 - m) and
-# 1/sinh(a) = 2 (1 - m) / (m (2 - m)). Near s = 0 (lam = 1/2) log C -> log 2 and the derivative is
-# a difference of two poles: below |s| = 0.75 both come from their Taylor series in z = s^2 (the
-# kernel's coefficients, y = s/2 turned into z; truncation < 1e-9 relative at 0.75), above from the
-# closed forms (fp32: ~2e-7 absolute at 0.75). log C - log 2 is what is formed per element (the
-# log 2 is added to the float64 row sums), so a row near lam = 1/2 keeps its digits.
+# Near s = 0 (lam = 1/2) log C -> log 2 and the derivative is a difference of two poles: below
+# |s| = 0.75 both come from their Taylor series in z = s^2 (the kernel's coefficients, y = s/2
+# turned into z; truncation < 1e-9 relative at 0.75). From 0.75 up, the closed forms, with
+# a = |s| >= 0.75 and e = e^-a <= 0.47 (so 1 - e has no cancellation: plain exp, no expm1):
+#     log C - log 2 = log(a (1 + e) / (2 (1 - e))),   tanh(a/2) = (1 - e) / (1 + e)
+#     d log C / ds  = 1/a - 4 e / (2 (1 - e) (1 + e)),  1/sinh(a) = 2 e / (1 - e^2)
+# (fp32: about 2e-7 absolute at 0.75, where 1/a and 1/sinh(a) are 1.33 and 1.22). The closed forms
+# are evaluated at max(a, 0.75) and the series at min(a, 0.75), so both are finite everywhere and
+# each element takes exactly one of them (small * [a < 0.75] + big * [a >= 0.75]). log C - log 2
+# is what is formed per element (the log 2 is added to the float64 row sums), so a row near
+# lam = 1/2 keeps its digits.
 _CB_LOG_C = (-1414477.0 / 1915538625.0 / 4096, 146.0 / 66825.0 / 1024, -127.0 / 18900.0 / 256,
              62.0 / 2835.0 / 64, -7.0 / 90.0 / 16, 1.0 / 3.0 / 4)
 _CB_DLOG_C = (-1414477.0 / 653837184000.0, 73.0 / 3421440.0, -127.0 / 604800.0, 31.0 / 15120.0,
               -7.0 / 360.0, 1.0 / 6.0)
 _CB_SERIES_BELOW = 0.75
-_CB_TINY = 1e-12  # |s| floor of the closed forms: finite (with finite derivatives) at s = 0
 
 
 def _horner(z: Tensor, coefficients, out: Tensor | None) -> Tensor:
@@ -145,48 +149,40 @@ def _horner(z: Tensor, coefficients, out: Tensor | None) -> Tensor:
     return torch.add(p, coefficients[-1], out=out)
 
 
-def _blend(below: Tensor, small: Tensor, big: Tensor, out: Tensor | None) -> Tensor:
-    """small where below = 1, big where below = 0 (both finite): big + below (small - big), into
-    ``small``'s buffer (out) and then big's (the result)."""
-    d = torch.mul(torch.sub(small, big, out=out), below, out=out)
-    return torch.add(big, d, out=None if out is None else big)
-
-
 def _cb_log_norm(s: Tensor, value: bool, grad: bool, ws=None) -> tuple[Tensor | None, Tensor | None]:
     """(log C(s) - log 2 if ``value``, d log C / ds if ``grad``) of the continuous Bernoulli on
     logits s.
 
-    ``ws``: seven scratch tensors of s's shape for the forward's single pass, or None: out of place
+    ``ws``: nine scratch tensors of s's shape for the forward's single pass, or None: out of place
     and differentiable (the recompute path). The same ops either way, so both paths give the same
-    bits. One expm1 serves both branches and both results.
+    bits. One exp serves both closed forms.
     """
     o = (lambda i: None) if ws is None else (lambda i: ws[i])
     T = _CB_SERIES_BELOW
-    a = torch.clamp(torch.abs(s, out=o(0)), min=_CB_TINY, out=o(0))
-    below = torch.lt(a, T, out=o(1)) if ws is not None else (a < T).to(s.dtype)
-    a_small = torch.clamp(a, max=T, out=o(2))                  # the series' argument (capped)
-    z = torch.mul(a_small, a_small, out=o(3))
-    m = torch.neg(torch.expm1(torch.neg(a, out=o(4)), out=o(4)), out=o(4))     # 1 - e^-a
-    w = torch.add(torch.neg(m, out=o(5)), 2.0, out=o(5))                      # 1 + e^-a
+    a = torch.abs(s, out=o(0))
+    if ws is not None:
+        below, above = torch.lt(a, T, out=o(1)), torch.ge(a, T, out=o(2))
+    else:
+        below, above = (a < T).to(s.dtype), (a >= T).to(s.dtype)
+    a_small = torch.clamp(a, max=T, out=o(3))                       # the series' argument
+    z = torch.mul(a_small, a_small, out=o(4))
+    a_big = torch.clamp(a, min=T, out=o(0))                         # the closed forms' argument
+    e = torch.exp(torch.neg(a_big, out=o(5)), out=o(5))            # e^-a in (0, 0.47]
+    w = torch.add(e, 1.0, out=o(6))                                 # 1 + e
+    m2 = torch.add(torch.mul(e, -2.0, out=o(7)), 2.0, out=o(7))    # 2 (1 - e)
     log_c = d_log_c = None
     if value:
-        big = torch.div(torch.mul(a, w, out=o(6)), m, out=o(6))                # C(s)
-        big = torch.sub(torch.log(big, out=o(6)), _LOG_2, out=o(6))
+        big = torch.log(torch.div(torch.mul(a_big, w, out=o(8)), m2, out=o(8)), out=o(8))
     if grad:
-        # 1/sinh(a) = (2/m - 2) / w, then the closed form (1 - a / sinh(a)) / a (finite below T,
-        # where it is not used)
-        inv_sinh = torch.div(torch.add(torch.mul(torch.reciprocal(m, out=o(4)), 2.0, out=o(4)), -2.0,
-                                       out=o(4)), w, out=o(4))
+        q = torch.div(e, torch.mul(m2, w, out=o(6)), out=o(6))     # e / (2 (1 - e^2))
+        big_d = torch.sub(torch.reciprocal(a_big, out=o(0)), q, alpha=4.0, out=o(0))
     if value:
-        small = torch.mul(_horner(z, _CB_LOG_C, o(5)), z, out=o(5))
-        log_c = _blend(below, small, big, o(5))
+        small = torch.mul(torch.mul(_horner(z, _CB_LOG_C, o(5)), z, out=o(5)), below, out=o(5))
+        log_c = torch.addcmul(small, big, above, out=o(5))         # exact: each element one branch
     if grad:
-        big = torch.div(torch.add(torch.neg(torch.mul(inv_sinh, a, out=o(4)), out=o(4)), 1.0, out=o(4)),
-                        a, out=o(4))
-        small = torch.mul(torch.mul(_horner(z, _CB_DLOG_C, o(5)), a_small, out=o(5)), below, out=o(5))
-        above = torch.add(torch.neg(below, out=o(1)), 1.0, out=o(1))
-        d = torch.addcmul(small, big, above, out=o(4))         # exact: each element one branch
-        d_log_c = torch.mul(d, torch.sign(s, out=o(2)), out=o(4))
+        small = torch.mul(torch.mul(_horner(z, _CB_DLOG_C, o(6)), a_small, out=o(6)), below, out=o(6))
+        d = torch.addcmul(small, big_d, above, out=o(6))
+        d_log_c = torch.mul(d, torch.sign(s, out=o(7)), out=o(6))
     return log_c, d_log_c
 
 
@@ -305,8 +301,10 @@ def _continuous_bernoulli(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, s
     log_c, d_log_c = _cb_log_norm(s, True, d_s is not None, _cut(ws, s.shape[0]))
     if d_s is not None:
         d_s.sub_(d_log_c.mul_(scale) if scale != 1.0 else d_log_c)
-    # in float64: near s = 0 the bce and log C rows are both about D log 2 and cancel
-    return rows.sub_(log_c.sum(1, dtype=torch.float64)).sub_(s.shape[1] * _LOG_2)
+    # near s = 0 the bce and log C rows are both about D log 2 and cancel: the row sums of
+    # log C - log 2 (small, one sign: summed in fp32, accurate relative to themselves) and the
+    # D log 2 are taken out of the bce's float64 rows
+    return rows.sub_(log_c.sum(1)).sub_(s.shape[1] * _LOG_2)
 
 
 def _continuous_bernoulli_grads(s, t, sig, inv_sigma, log_norm, want, scale):
@@ -318,7 +316,7 @@ def _continuous_bernoulli_grads(s, t, sig, inv_sigma, log_norm, want, scale):
 
 
 # scratch tensors per chunk that each likelihood's fast function uses
-_WORKSPACES = {"continuous_bernoulli": 7}
+_WORKSPACES = {"continuous_bernoulli": 9}
 
 
 def _likelihood(likelihood: str, from_logits: bool):

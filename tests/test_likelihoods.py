@@ -294,11 +294,13 @@ def test_mse_is_f_mse_loss_sum_plus_kl(backend_device, x_4d):
 
 
 def test_continuous_bernoulli_near_and_far_from_one_half(backend_device):
-    """log C near lam = 1/2 (|s| < 1e-3, s = 0 exactly, around the series threshold |s| = 1) and
+    """log C near lam = 1/2 (|s| < 1e-3, s = 0 exactly, around the series thresholds: |s| = 0.75 in
+    the fallback, 1 and 1.5 in the kernel) and
     far from it (|s| = 20 ... 80): values and gradients against the oracle (torch.distributions in
     float64 up to |s| = 15, the closed form beyond)."""
     backend, device = backend_device
-    near = [0.0, 1e-7, -1e-7, 1e-4, -3e-4, 9.9e-4, -1e-3, 0.5, -0.5, 0.9, 0.999, 0.9999999, 1.0,
+    near = [0.0, 1e-7, -1e-7, 1e-4, -3e-4, 9.9e-4, -1e-3, 0.5, -0.5, 0.7499999, 0.75, -0.75, 0.7500001,
+            0.9, 0.999, 0.9999999, 1.0,
             -1.0, 1.0000001, 1.001, -1.001, 1.1, 2.0, -5.0]
     far = [20.0, -20.0, 25.0, 31.0, -33.0, 40.0, -50.0, 60.0, -70.0, 80.0, -80.0, 79.5]
     s = torch.tensor(near + far)
@@ -330,6 +332,11 @@ def test_continuous_bernoulli_near_and_far_from_one_half(backend_device):
     closed = (s64[len(near):].clamp(min=0) - 0.3 * s64[len(near):] + torch.log1p(torch.exp(-s64[len(near):].abs()))
               - oracle.cb_log_norm_closed(s64[len(near):]))
     torch.testing.assert_close(one.double().cpu(), -lp.sum() + closed.sum(), rtol=1e-6, atol=1e-5)
+    if backend == "torch":  # its recompute path (a second backward of the graph): the same bits
+        loss2, leaves2 = call(*inputs, backend=backend, **kw)
+        first = torch.autograd.grad((loss2 * go).sum(), leaves2["recon"], retain_graph=True)[0]
+        second = torch.autograd.grad((loss2 * go).sum(), leaves2["recon"])[0]
+        assert torch.equal(first, second)
 
 
 def test_oracle_closed_form_agrees_with_torch_distributions():
