@@ -59,7 +59,7 @@ def _child(sizes, rounds_budget, likelihood="bernoulli"):
         """The passes no formulation made of ATen ops can skip (see the module docstring), in the
         fallback's row chunks, d recon written."""
         B = r.shape[0]
-        step = _fallback._chunk_rows(FEATURES)
+        step = _fallback._chunk_rows(FEATURES, likelihood)
         a = torch.empty(min(step, B), FEATURES)
         d = torch.empty(B, FEATURES)
         for i in range(0, B, step):

@@ -210,6 +210,33 @@ LIKELIHOODS = [("bernoulli", True, None), ("bernoulli", False, None), ("gaussian
 LIKELIHOOD_IDS = ["bernoulli-logits", "bernoulli-probs", "gaussian", "gaussian-sigma-tensor", "mse", "cb"]
 
 
+def _internal(likelihood):
+    """The fallback's name of a likelihood (mse is its Gaussian)."""
+    return "gaussian" if likelihood == "mse" else likelihood
+
+
+def test_gaussian_chunks_are_larger():
+    """The Gaussian (and mse) walks 4x larger row chunks than the other likelihoods."""
+    rows = _fallback._chunk_rows(D)
+    assert rows == _fallback._chunk_rows(D, "bernoulli") == _fallback._chunk_rows(D, "continuous_bernoulli")
+    assert 4 * rows <= _fallback._chunk_rows(D, "gaussian") < 4 * (rows + 1)
+    B = 3 * _fallback._chunk_rows(D)
+    assert len(_fallback._row_chunks(B, D, "bernoulli")) == 3 and _fallback._row_chunks(B, D, "gaussian") == [None]
+
+
+def test_gaussian_forward_walks_its_larger_chunks(monkeypatch):
+    """The forward really takes the likelihood's chunks: a batch that is 3 chunks for the
+    Bernoulli is one for the Gaussian and mse."""
+    seen = []
+    real = _fallback._row_chunks
+    monkeypatch.setattr(_fallback, "_row_chunks", lambda *a: seen.append(real(*a)) or seen[-1])
+    B = 2 * _fallback._chunk_rows(D) + 5
+    for likelihood in ("bernoulli", "gaussian", "mse"):
+        inputs, kw = _lik_case(likelihood, True, None, B=B, seed=3)
+        fastvae.elbo_loss(*_leaves(*inputs), backend="torch", **kw).backward()
+    assert [len(c) for c in seen] == [3, 1, 1]
+
+
 def _lik_case(likelihood, from_logits, sigma, B, seed=0, N=D):
     g = torch.Generator().manual_seed(seed)
     mu, logvar = _latent(B, seed=seed)
@@ -276,10 +303,11 @@ def test_second_backward_recomputes_the_same_bits(case, reduction):
 def test_every_likelihood_in_row_chunks(monkeypatch, case, dtype):
     """Several row chunks (a ragged last one), sigma chunked with the rows, against the oracle."""
     monkeypatch.setattr(_fallback, "_CHUNK_ELEMENTS", 3 * 50)
+    monkeypatch.setattr(_fallback, "_CHUNK_SCALE", {})
     monkeypatch.setattr(_fallback, "_threads", lambda: 1)
     inputs, kw = _lik_case(*case, B=11, seed=12, N=50)
     inputs = [t.to(dtype) for t in inputs]
-    assert len(_fallback._row_chunks(11, 50)) == 4
+    assert len(_fallback._row_chunks(11, 50, _internal(case[0]))) == 4
     for reduction in ("sum", "none"):
         leaves = list(_leaves(*inputs, x_grad=True)) + ([kw["sigma"]] if case[2] == "tensor" else [])
         loss = fastvae.elbo_loss(*leaves[:4], reduction=reduction, free_bits=0.3, backend="torch", **kw)
@@ -297,7 +325,8 @@ def test_every_likelihood_in_row_chunks(monkeypatch, case, dtype):
 @pytest.mark.parametrize("case", LIKELIHOODS, ids=LIKELIHOOD_IDS)
 def test_every_likelihood_bitwise_reproducible_and_lazy(monkeypatch, case):
     """The same bits twice (several chunks); under no_grad no gradient buffer is made."""
-    B = 2 * _fallback._chunk_rows(D) + 5
+    B = 2 * _fallback._chunk_rows(D, _internal(case[0])) + 5
+    assert len(_fallback._row_chunks(B, D, _internal(case[0]))) == 3
     inputs, kw = _lik_case(*case, B=B, seed=13)
     runs = []
     for _ in range(2):
