@@ -32,13 +32,14 @@ from typing import Any, Optional, Union
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.optim import optimizer as _optim
 
 from ._backend import check_backend, hardware_name, interpreter_enabled, triton_available
+from ._step import manual_step_supported, vae_elbo_grads
 from .data import DATASETS, Dataset, load_dataset
 from .evaluate import evaluate, neg_elbo_sum
 from .functional import reparameterize
 from .iwae import iwae_loss
-from ._step import manual_step_supported, vae_elbo_grads
 from .model import VAE, check_positive_int
 from .modules import FusedELBO
 
@@ -521,10 +522,8 @@ class Trainer:
 
 
 def _optimizer_hooks(opt: torch.optim.Optimizer) -> bool:
-    from torch.optim import optimizer as _opt
-
     return bool(opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks
-                or _opt._global_optimizer_pre_hooks or _opt._global_optimizer_post_hooks)
+                or _optim._global_optimizer_pre_hooks or _optim._global_optimizer_post_hooks)
 
 
 def _direct_adam(opt: torch.optim.Optimizer) -> Optional[tuple]:
@@ -534,12 +533,13 @@ def _direct_adam(opt: torch.optim.Optimizer) -> Optional[tuple]:
     if type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1:
         return None
     g = opt.param_groups[0]
-    plain = (g.get("fused") and not g["amsgrad"] and not g["maximize"] and not g["capturable"]
-             and not g["differentiable"] and not g.get("decoupled_weight_decay", False)
-             and not isinstance(g["lr"], Tensor) and not any(isinstance(b, Tensor) for b in g["betas"]))
+    if not (g.get("fused") and not g["amsgrad"] and not g["maximize"] and not g["capturable"]
+            and not g["differentiable"] and not g.get("decoupled_weight_decay", False)
+            and not isinstance(g["lr"], Tensor) and not any(isinstance(b, Tensor) for b in g["betas"])):
+        return None
     params = list(g["params"])
     states = [opt.state.get(p) for p in params]
-    if not plain or not params or any(not s or "step" not in s for s in states):
+    if not params or any(not s or "step" not in s for s in states):
         return None
     if len({(p.device, p.dtype) for p in params}) != 1:
         return None

@@ -290,6 +290,21 @@ def test_direct_adam_step_leaves_hooks_and_options_to_torch_optim(small):
         assert torch.equal(p, q)
 
 
+
+def test_direct_adam_step_leaves_amsgrad_to_torch_optim(small):
+    """An Adam the direct call does not cover (amsgrad) steps through opt.step(): the same weights
+    as torch.optim's own step."""
+    x = small.train_x
+    fast, ref = _trainer(), _trainer()
+    for t in (fast, ref):
+        t.opt = torch.optim.Adam(t.model.parameters(), lr=1e-3, amsgrad=True, fused=True)
+        t._adam = None
+    _steps(fast, x, 3)
+    _steps(ref, x, 3, via_optimizer=True)
+    assert fast._adam is None
+    for p, q in zip(fast.model.parameters(), ref.model.parameters()):
+        assert torch.equal(p, q)
+
 def _vae_oracle_grads(model, xb, eps, beta):
     """The float64 oracle of one step: the VAE's forward written from its layers with the given
     noise, the loss from tests/oracle.py, autograd in float64: (loss, {parameter name: grad})."""
