@@ -14,13 +14,15 @@ before torch is imported); levels the CPU lacks are skipped. Within a process th
 turns call by call, so other load on the machine hits them alike. Reported per provider: the
 median and the minimum wall time, and the speed-ups of fastvae over eager and over compile.
 
-``floor`` is what no formulation built from separate ATen ops can go below, in the fallback's row
-chunks with d recon written and no loss bookkeeping or autograd: for the Bernoulli one ``exp``,
-one ``log`` and one ``sigmoid`` pass over recon (a softplus needs an exp and a log, its gradient a
-sigmoid); for the continuous Bernoulli the same plus one ``expm1`` (its log-normaliser); for the
-Gaussian one ``sub`` pass writing d recon and one ``sum`` (the loss's reduction). ``torch.compile``
-fuses all of it into one loop, so ``compile / floor`` is the most any ATen formulation can gain
-over compile.
+``floor`` is a lower bound for any formulation built from separate ATen ops, in the fallback's row
+chunks, with no loss bookkeeping or autograd: the passes none can skip. For the Bernoulli and the
+continuous Bernoulli: one ``exp`` pass over recon (the loss and its gradient need a transcendental
+per element; the row sums of logs can be logs of row products, as the fallback's are), one
+three-operand pass writing d recon from it and x, and one row ``sum``. For the Gaussian: one
+``sub`` writing d recon and one row ``sum``. ``compile / floor`` is the most any ATen formulation
+could gain over ``torch.compile``; an exact one needs more passes than the floor (the fallback's
+Bernoulli makes 14 ATen calls over each row chunk, 15 passes with its product's float64 cast; see
+``fastvae/_fallback.py``).
 """
 from __future__ import annotations
 
@@ -63,16 +65,13 @@ def _child(sizes, rounds_budget, likelihood="bernoulli"):
         a = torch.empty(min(step, B), FEATURES)
         d = torch.empty(B, FEATURES)
         for i in range(0, B, step):
-            s, t, k = r[i:i + step], x[i:i + step], min(step, B - i)
+            s, t, k, di = r[i:i + step], x[i:i + step], min(step, B - i), d[i:i + step]
             if likelihood == "gaussian":
-                torch.sub(s, t, out=d[i:i + step])          # d recon (sigma folded in)
-                torch.sum(d[i:i + step])                    # the loss's one reduction
-                continue
-            torch.exp(s, out=a[:k])
-            torch.log(a[:k], out=a[:k])
-            torch.sigmoid(s, out=d[i:i + step])
-            if likelihood == "cb":
-                torch.expm1(s, out=a[:k])                   # log C(s): one more transcendental
+                torch.sub(s, t, out=di)                     # d recon (sigma folded in)
+            else:
+                e = torch.exp(s, out=a[:k])                 # the one transcendental per element
+                torch.addcmul(t, e, s, out=di)              # d recon from it and x
+            di.sum(1)                                       # the loss's row sums
         return d
 
     providers = {"eager": eager, "compile": compiled, "fastvae": fastvae_loss, "floor": None}

@@ -7,12 +7,13 @@ torch ops only (no compile step, no C++ toolchain):
   times its AVX2 ones, while ``exp``, ``log`` and ``sigmoid`` are fast at both levels. With
   ``e = exp(-|s|)`` and ``u = fl(1 + e)``::
 
-      softplus(s) - s*t = [relu(s) - s*t] + log1p(e),   log1p(e) = log(u) - ((u - 1) - e)
+      softplus(s) - s*t = [relu(s) - s*t] + log1p(e),   log1p(e) = log(u) + (e - (u - 1))
 
-  ``(u - 1) - e`` is the exact rounding error of ``1 + e`` (both subtractions are exact), and
+  ``e - (u - 1)`` is the exact rounding error of ``1 + e`` (both subtractions are exact), and
   dropping the ``1/u`` of the textbook correction costs at most ``2**-24 * e`` absolute, below
   1e-7 relative to ``log1p(e)``. ``sum(log(u))`` over a row is the log of a float64 product
-  (no log per element), and the row sums of the parts are taken separately. (Bernoulli on
+  (no log per element); the correction and ``relu(s) - s*t`` (>= 0) share one fp32 row sum,
+  added to it. (Bernoulli on
   probabilities keeps ``F.binary_cross_entropy``'s ``log1p``; the continuous Bernoulli's
   log-normaliser needs only ``exp``, ``log`` and ``reciprocal``.)
 * **No cancellation at confident logits.** ``relu(s) - s*t`` is formed per element (exactly 0 for
@@ -199,12 +200,14 @@ def _bernoulli_logits(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale
     if d_s is not None:
         torch.div(e, u, out=d_s)                   # q = sigmoid(-|s|), accurate also when tiny
     rows = _sum_log(u)                             # sum log(u), float64
-    rows -= u.sub_(1.0).sub_(e).sum(1)             # - sum ((u - 1) - e): log1p(e) to 1e-7
+    c = torch.sub(e, u.sub_(1.0), out=b)           # e - (u - 1): log1p(e) = log(u) + c to 1e-7
     h = torch.gt(s, 0.0, out=a)                    # h = [s > 0]
     if d_s is not None:
         d_s.addcmul_(d_s, h, value=-2.0)           # q (1 - 2h)
     ht = h.sub_(t)                                 # h - t: exact at t = 0 or 1
-    rows += torch.mul(s, ht, out=b).sum(1)         # relu(s) - s*t = s (h - t), exact at t = 0/1
+    # relu(s) - s*t = s (h - t) >= 0, exact at t = 0/1, plus c (the few elements where s (h - t)
+    # is 0, the confident and right ones, keep all of c): one row sum for both
+    rows += c.addcmul_(s, ht).sum(1)
     if d_s is not None:
         # sigmoid(s) - t = (h - t) + q (1 - 2h): -sigmoid(-s) + (1 - t) for s > 0, so no
         # cancellation where the model is confident and right (sigmoid(s) would round to 1)
