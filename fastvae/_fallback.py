@@ -258,6 +258,14 @@ def _bernoulli_probs_grads(p, t, sig, inv_sigma, log_norm, want, scale):
     return ds, dt, None
 
 
+def _sum_squares(r: Tensor) -> Tensor:
+    """Per-row sum of squares, float64: ``vector_norm(r, dim=1)**2``, one pass over r where a
+    product and a sum take two. Its fp32 accumulation is a plain vectorised sum plus a sqrt and a
+    square (measured: 3.0e-7 relative at most on 668 random rows of 784, against 1.4e-7 for
+    ``(r * r).sum(1)``; the loss's tests ask 1e-5)."""
+    return torch.linalg.vector_norm(r, dim=1).double().square_()
+
+
 def _gaussian(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale) -> Tensor:
     """``0.5 z^2 + log_norm`` with ``z = (s - t) / sigma`` per row: sigma the floats (inv_sigma,
     log_norm), or the per-element ``sig`` (log_norm = log sig + log(2 pi)/2). Gradients
@@ -275,7 +283,7 @@ def _gaussian(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale) -> Ten
                 torch.mul(r, c, out=d_s)
         if d_t is not None:
             torch.mul(r, -c, out=d_t)
-        rows = torch.mul(r, r, out=b).sum(1).double().mul_(0.5 * k)  # positive terms: fp32 sums
+        rows = _sum_squares(r).mul_(0.5 * k)
         return rows.add_(D * log_norm) if log_norm != 0.0 else rows
     inv = torch.reciprocal(sig, out=b)
     z = torch.sub(s, t, out=a).mul_(inv)
@@ -285,7 +293,7 @@ def _gaussian(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale) -> Ten
         torch.mul(z, inv, out=d_s).mul_(scale)
     if d_t is not None:
         torch.mul(z, inv, out=d_t).mul_(-scale)
-    rows = torch.mul(z, z, out=b).sum(1).double().mul_(0.5)
+    rows = _sum_squares(z).mul_(0.5)
     rows += torch.log(sig, out=a).sum(1, dtype=torch.float64)
     return rows.add_(D * _LOG_SQRT_2PI)
 
