@@ -36,13 +36,34 @@ import time
 FEATURES, LATENT = 784, 20
 
 
+def _floor(r, x, likelihood: str):
+    """The passes no formulation made of ATen ops can skip (see the module docstring), in the
+    fallback's row chunks: d recon written into a new [B, N] tensor, which is returned."""
+    import torch
+
+    from fastvae import _fallback
+
+    B, N = r.shape
+    step = _fallback._chunk_rows(N, likelihood)
+    a = torch.empty(min(step, B), N)
+    d = torch.empty(B, N)
+    for i in range(0, B, step):
+        s, t, k, di = r[i:i + step], x[i:i + step], min(step, B - i), d[i:i + step]
+        if likelihood == "gaussian":
+            torch.sub(s, t, out=di)                     # d recon (sigma folded in)
+        else:
+            e = torch.exp(s, out=a[:k])                 # the one transcendental per element
+            torch.addcmul(t, e, s, out=di)              # d recon from it and x
+        di.sum(1)                                       # the loss's row sums
+    return d
+
+
 def _child(sizes, rounds_budget, likelihood="bernoulli"):
     import functools
 
     import torch
 
     import fastvae
-    from fastvae import _fallback
     from fastvae import baselines
 
     eager, traced, kw = {
@@ -57,25 +78,9 @@ def _child(sizes, rounds_budget, likelihood="bernoulli"):
     def fastvae_loss(r, x, m, v):
         return fastvae.elbo_loss(r, x, m, v, backend="torch", **kw)
 
-    def floor(r, x):
-        """The passes no formulation made of ATen ops can skip (see the module docstring), in the
-        fallback's row chunks, d recon written."""
-        B = r.shape[0]
-        step = _fallback._chunk_rows(FEATURES, likelihood)
-        a = torch.empty(min(step, B), FEATURES)
-        d = torch.empty(B, FEATURES)
-        for i in range(0, B, step):
-            s, t, k, di = r[i:i + step], x[i:i + step], min(step, B - i), d[i:i + step]
-            if likelihood == "gaussian":
-                torch.sub(s, t, out=di)                     # d recon (sigma folded in)
-            else:
-                e = torch.exp(s, out=a[:k])                 # the one transcendental per element
-                torch.addcmul(t, e, s, out=di)              # d recon from it and x
-            di.sum(1)                                       # the loss's row sums
-        return d
-
     providers = {"eager": eager, "compile": compiled, "fastvae": fastvae_loss, "floor": None}
     cap = torch.backends.cpu.get_cpu_capability()
+    results = {}
     for B in sizes:
         g = torch.Generator().manual_seed(1000 + B)
         inputs = (2.0 * torch.randn(B, FEATURES, generator=g), torch.rand(B, FEATURES, generator=g),
@@ -83,7 +88,7 @@ def _child(sizes, rounds_budget, likelihood="bernoulli"):
 
         def call(name):
             if name == "floor":
-                return floor(inputs[0], inputs[1])
+                return _floor(inputs[0], inputs[1], likelihood)
             r, x, m, v = inputs
             leaves = [t.detach().requires_grad_() for t in (r, m, v)]
             loss = providers[name](leaves[0], x, leaves[1], leaves[2])
@@ -111,6 +116,8 @@ def _child(sizes, rounds_budget, likelihood="bernoulli"):
               f"fastvae vs eager {med['eager'] / med['fastvae']:.2f}x (min {mn['eager'] / mn['fastvae']:.2f}x), "
               f"vs compile {med['compile'] / med['fastvae']:.2f}x (min {mn['compile'] / mn['fastvae']:.2f}x); "
               f"{floor_txt}fastvae first call {first['fastvae'] * 1e3:.1f} ms", flush=True)
+        results[B] = {"rounds": rounds, "median": med, "min": mn, "first": first}
+    return results
 
 
 def main(argv=None) -> int:

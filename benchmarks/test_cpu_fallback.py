@@ -1,0 +1,33 @@
+"""benchmarks/cpu_fallback.py: what it measures and reports (not how fast)."""
+import pytest
+import torch
+
+from benchmarks.cpu_fallback import _child, _floor
+from fastvae import _fallback
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "cb"])
+def test_floor_writes_d_recon_for_every_row_chunk(likelihood):
+    # a batch of several of the fallback's row chunks, the last one partial
+    B = 2 * _fallback._chunk_rows(784, likelihood) + 5
+    g = torch.Generator().manual_seed(0)
+    r, x = torch.randn(B, 784, generator=g), torch.rand(B, 784, generator=g)
+    d = _floor(r, x, likelihood)
+    # the same ops, elementwise, on the whole batch: the same bits
+    want = r - x if likelihood == "gaussian" else torch.addcmul(x, torch.exp(r), r)
+    assert torch.equal(d, want)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_child_times_every_provider(likelihood, capsys):
+    res = _child([3], 0.0, likelihood)
+    assert list(res) == [3]
+    r = res[3]
+    assert r["rounds"] == 5  # the minimum, for a budget of 0 s
+    for key in ("median", "min", "first"):
+        assert set(r[key]) == {"eager", "compile", "fastvae", "floor"}
+        assert all(v > 0 for v in r[key].values())
+    assert all(r["min"][n] <= r["median"][n] for n in r["min"])
+    line = capsys.readouterr().out
+    speedup = r["median"]["eager"] / r["median"]["fastvae"]
+    assert "B=3 rounds=5" in line and f"fastvae vs eager {speedup:.2f}x" in line
