@@ -85,6 +85,31 @@ def test_fallback_compiles_fullgraph():
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
 
 
+def test_fallback_continuous_bernoulli_compiles_fullgraph_before_eager(monkeypatch):
+    """The continuous Bernoulli's series keep their coefficients as 0-dim tensors, cached per
+    dtype and device: traced first with an empty cache, then eager, both give the float64
+    oracle's loss and gradients (the cache holds real tensors, not the tracer's)."""
+    from fastvae import _fallback
+    monkeypatch.setattr(_fallback, "_CONSTANTS", {})
+    recon, x, mu, logvar = _elbo_args("cpu")
+    recon = 3.0 * recon  # both branches of the log-normaliser, |s| below and above 0.75
+
+    def loss_fn(recon, x, mu, logvar):
+        return fastvae.elbo_loss(recon, x, mu, logvar, likelihood="continuous_bernoulli", backend="torch")
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    ref_loss, ref_grads = oracle.elbo(recon.double(), x, mu.double(), logvar.double(),
+                                      likelihood="continuous_bernoulli")
+    for fn in (compiled, loss_fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (recon, mu, logvar)]
+        loss = fn(leaves[0], x, leaves[1], leaves[2])
+        grads = torch.autograd.grad(loss, leaves)
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+        for g, name in zip(grads, ("recon", "mu", "logvar")):
+            torch.testing.assert_close(g.double(), ref_grads[name], rtol=1e-5, atol=1e-6)
+    assert all(type(c) is torch.Tensor for cs in _fallback._CONSTANTS.values() for c in cs)
+
+
 # --- on a GPU: compiled Triton kernels under torch.compile and CUDA graphs ----------------------
 
 def _tiny_vae(device):
