@@ -165,8 +165,10 @@ def _horner(z: Tensor, coefficients, out: Tensor | None) -> Tensor:
 
     Each Horner step ``c + p z`` is one ``addcmul`` with c a 0-dim tensor (6 passes for 6
     coefficients, where ``(p + c) z`` with Python floats took 10), the first one an ``add`` with
-    alpha. The recompute path (``out`` None, also traced by torch.compile) makes the same calls
-    with its constants made in place, so both paths give the same bits."""
+    alpha. The recompute path (``out`` None) makes the same calls, so both paths give the same
+    bits, but makes its constants in place: torch.compile traces it as the autograd.Function's
+    backward, where filling the module's cache is an unsafe side effect that dynamo refuses
+    ("HOP: Unsafe side effect", fullgraph)."""
     if out is None:
         cs = [torch.full((), c, dtype=z.dtype, device=z.device) for c in coefficients[1:]]
     else:
