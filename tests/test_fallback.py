@@ -410,3 +410,30 @@ def test_cb_series_in_float64_against_the_closed_form(single_pass):
     want_d = 1.0 / s - 1.0 / torch.sinh(s)
     torch.testing.assert_close(log_c, want, rtol=0, atol=3e-10)
     torch.testing.assert_close(d_log_c, want_d, rtol=0, atol=5e-9)
+
+
+def test_constants_cache_is_bounded_and_exact():
+    """Numbers that depend on the call (sigma, 1/B) go through the 0-dim constants cache too: over
+    many distinct sigmas and batch sizes it stays within its bound, and every loss and gradient
+    still matches the float64 oracle (a cleared cache makes new constants, never stale ones)."""
+    g = torch.Generator().manual_seed(11)
+    _fallback._CONSTANTS.clear()
+    cleared, before = False, 0
+    for i in range(3 * _fallback._MAX_CONSTANTS):
+        B = 2 + i % 7
+        sigma = 0.3 + 0.01 * i
+        recon, x = torch.randn(B, 12, generator=g), torch.rand(B, 12, generator=g)
+        mu, logvar = torch.randn(B, 3, generator=g), torch.randn(B, 3, generator=g)
+        leaves = _leaves(recon, x, mu, logvar)
+        loss = fastvae.elbo_loss(*leaves, likelihood="gaussian", sigma=sigma, reduction="batchmean",
+                                 backend="torch")
+        grads = torch.autograd.grad(loss, [leaves[0], leaves[2], leaves[3]])
+        cleared |= len(_fallback._CONSTANTS) < before
+        before = len(_fallback._CONSTANTS)
+        assert before <= _fallback._MAX_CONSTANTS
+        ref, ref_grads = oracle.elbo(recon, x, mu, logvar, likelihood="gaussian", sigma=sigma,
+                                     reduction="batchmean")
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
+        for got, name in zip(grads, ("recon", "mu", "logvar")):
+            torch.testing.assert_close(got.double(), ref_grads[name], rtol=1e-5, atol=1e-7)
+    assert cleared  # the bound was reached and the cache cleared, at least once
