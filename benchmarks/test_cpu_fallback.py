@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from benchmarks.cpu_fallback import _child, _floor
+from benchmarks.cpu_fallback import _child, _floor, _rotation
 from fastvae import _fallback
 
 
@@ -27,7 +27,22 @@ def test_child_times_every_provider(likelihood, capsys):
     for key in ("median", "min", "first"):
         assert set(r[key]) == {"eager", "compile", "fastvae", "floor"}
         assert all(v > 0 for v in r[key].values())
+    assert set(r["faults"]) == {"eager", "compile", "fastvae", "floor"}
+    assert all(v >= 0 for v in r["faults"].values())
     assert all(r["min"][n] <= r["median"][n] for n in r["min"])
     line = capsys.readouterr().out
     speedup = r["median"]["eager"] / r["median"]["fastvae"]
     assert "B=3 rounds=5" in line and f"fastvae vs eager {speedup:.2f}x" in line
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_rotation_puts_each_provider_after_every_other(n):
+    names = [f"p{k}" for k in range(n)]
+    rows = n if n % 2 == 0 else 2 * n
+    orders = [_rotation(names, i) for i in range(rows)]
+    assert all(sorted(o) == names for o in orders)
+    # within the rounds of one cycle, each ordered pair of providers is adjacent equally often
+    pairs = [(a, b) for o in orders for a, b in zip(o, o[1:])]
+    want = [(a, b) for a in names for b in names if a != b]
+    assert sorted(pairs) == sorted(want * (len(pairs) // len(want)))
+    assert _rotation(names, rows) == orders[0]
