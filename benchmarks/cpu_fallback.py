@@ -39,6 +39,11 @@ import subprocess
 import sys
 import time
 
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
 FEATURES, LATENT = 784, 20
 
 
@@ -88,11 +93,7 @@ def _rotation(names: list, i: int) -> list:
 
 def _minor_faults() -> int:
     """This process's minor page faults so far (0 where ``resource`` is missing, e.g. Windows)."""
-    try:
-        import resource
-    except ImportError:
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return 0 if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _child(sizes, rounds_budget, likelihood="bernoulli"):

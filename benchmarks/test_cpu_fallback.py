@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from benchmarks.cpu_fallback import _child, _floor, _rotation
+from benchmarks import cpu_fallback
+from benchmarks.cpu_fallback import _child, _floor, _minor_faults, _rotation
 from fastvae import _fallback
 
 
@@ -46,3 +47,26 @@ def test_rotation_puts_each_provider_after_every_other(n):
     want = [(a, b) for a in names for b in names if a != b]
     assert sorted(pairs) == sorted(want * (len(pairs) // len(want)))
     assert _rotation(names, rows) == orders[0]
+
+
+def _thp_always() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[always]" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(cpu_fallback.resource is None, reason="no resource module on this platform")
+@pytest.mark.skipif(_thp_always(), reason="transparent huge pages always on: 2 MiB pages, fewer faults")
+def test_minor_faults_count_fresh_pages():
+    """Touching every 4 KiB page of a fresh 32 MiB buffer faults each of its 8,192 pages in once."""
+    import mmap
+    buf = mmap.mmap(-1, 32 << 20)  # anonymous: new pages, not memory the allocator already holds
+    try:
+        f0 = _minor_faults()
+        for i in range(0, len(buf), 4096):
+            buf[i] = 1
+        assert _minor_faults() - f0 >= 8192 * 0.9
+    finally:
+        buf.close()

@@ -173,7 +173,8 @@ def _constants(values, like: Tensor) -> list[Tensor]:
 def _scalars(values, like: Tensor, cached: bool) -> list[Tensor]:
     """``values`` as 0-dim tensors like ``like``: cached (the forward's single pass) or new ones
     (the recompute path, which torch.compile traces as the autograd.Function's backward, where
-    filling the module's cache is an unsafe side effect that dynamo refuses)."""
+    filling the module's cache is an unsafe side effect that dynamo refuses: "HOP: Unsafe side
+    effect", fullgraph)."""
     if cached:
         return _constants(values, like)
     return [torch.full((), v, dtype=like.dtype, device=like.device) for v in values]
@@ -185,9 +186,7 @@ def _horner(z: Tensor, coefficients, out: Tensor | None) -> Tensor:
     Each Horner step ``c + p z`` is one ``addcmul`` with c a 0-dim tensor (6 passes for 6
     coefficients, where ``(p + c) z`` with Python floats took 10), the first one an ``add`` with
     alpha. The recompute path (``out`` None) makes the same calls, so both paths give the same
-    bits, but makes its constants in place: torch.compile traces it as the autograd.Function's
-    backward, where filling the module's cache is an unsafe side effect that dynamo refuses
-    ("HOP: Unsafe side effect", fullgraph)."""
+    bits, with constants of its own (see :func:`_scalars`)."""
     cs = _scalars(coefficients[1:], z, cached=out is not None)
     p = torch.add(cs[0], z, alpha=coefficients[0], out=out)      # c1 + c0 z
     for c in cs[1:]:
@@ -318,8 +317,9 @@ def _gaussian(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale) -> Ten
     D = s.shape[1]
     if sig is None:  # s - t, the gradient (unless it is s - t itself), the row sums of squares
         k = inv_sigma * inv_sigma
-        c, neg_c = _constants((k * scale, -k * scale), s)
-        if d_s is not None and k * scale == 1.0:
+        ks = k * scale
+        c, neg_c = _constants((ks, -ks), s)
+        if d_s is not None and ks == 1.0:
             r = torch.sub(s, t, out=d_s)
         else:
             r = torch.sub(s, t, out=a)
@@ -405,11 +405,10 @@ def _kl_terms(mu: Tensor, logvar: Tensor, free_bits: float):
     h = exp(logvar) - 1 (expm1), a buffer of the op's own); kl_eff_i = sum_k (KL_ik if active_k else
     free_bits). The KL is ``0.5 (h - logvar + mu^2)`` per element; ``h`` is d KL / d logvar
     times 2, kept for the backward."""
-    half, = _constants((0.5,), logvar)
     h = torch.expm1(logvar)
     kl2 = torch.sub(h, logvar).addcmul_(mu, mu)              # 2 KL_ik
     if free_bits <= 0.0:
-        kl = kl2.sum(1).mul_(half)
+        kl = kl2.sum(1).mul_(_constants((0.5,), logvar)[0])
         return kl, kl, None, h
     kl_el = kl2.mul_(0.5)
     with torch.no_grad():
@@ -587,8 +586,8 @@ class ELBOFunction(torch.autograd.Function):
             if want[2] or want[3]:
                 scale = 1.0 / h.shape[0] if reduction == "batchmean" else 1.0
                 w = _kl_weight(g, beta, ctx.active, scale, per_row)
-                if w.__class__ is float and w == 1.0:  # the common case: no Python number to wrap
-                    w, half = _constants((1.0, 0.5), h)
+                if isinstance(w, float):  # no Python number to wrap: cached constants
+                    w, half = _constants((w, 0.5 * w), h)
                 else:
                     half = 0.5 * w
                 grads[2] = torch.mul(_as(saved[2], dt), w) if want[2] else None

@@ -290,7 +290,6 @@ def test_direct_adam_step_leaves_hooks_and_options_to_torch_optim(small):
         assert torch.equal(p, q)
 
 
-
 def test_direct_adam_step_leaves_amsgrad_to_torch_optim(small):
     """An Adam the direct call does not cover (amsgrad) steps through opt.step(): the same weights
     as torch.optim's own step."""
@@ -304,6 +303,7 @@ def test_direct_adam_step_leaves_amsgrad_to_torch_optim(small):
     assert fast._adam is None
     for p, q in zip(fast.model.parameters(), ref.model.parameters()):
         assert torch.equal(p, q)
+
 
 def _vae_oracle_grads(model, xb, eps, beta):
     """The float64 oracle of one step: the VAE's forward written from its layers with the given
