@@ -342,6 +342,43 @@ def test_every_likelihood_bitwise_reproducible_and_lazy(monkeypatch, case):
     assert made == [] and torch.equal(plain, runs[0][0])
 
 
+@pytest.mark.parametrize("sigma,reduction,B,size", [
+    (0.5, "sum", 40, 1.0),            # ks = 4: the squares summed from the gradient
+    (1.0, "sum", 40, 1.0),            # ks = 1: the gradient is s - t itself
+    (0.5, "batchmean", 1100, 1.0),    # ks = 4 / 1100 (and > 1024 rows)
+    (2e4, "batchmean", 40, 1.0),      # ks = 6e-11 < 2**-32: s - t formed first
+    # ks = 1e10 > 2**32: s - t formed first; |s - t| ~ 1e10, whose squares fit in float32 while
+    # those of ks (s - t) would not
+    (1e-5, "sum", 40, 1e10),
+], ids=["ks4", "ks1", "ks-batchmean", "ks-tiny", "ks-huge"])
+def test_gaussian_float_sigma_both_forms_match_oracle(sigma, reduction, B, size):
+    """The Gaussian with a float sigma forms d recon = ks (s - t), ks = scale / sigma^2, in one
+    pass and sums the squares from it, unless ks is far from 1 (then from s - t): either way the
+    loss, d recon and d x match the float64 oracle, and the loss has the same bits without
+    gradients."""
+    assert (_fallback._KS_FROM_GRAD[0] <= (1.0 / B if reduction == "batchmean" else 1.0) / sigma ** 2
+            <= _fallback._KS_FROM_GRAD[1]) == (sigma < 1e3 and sigma > 1e-4)
+    inputs, kw = _lik_case("gaussian", True, sigma, B=B, seed=21)
+    inputs = (inputs[0] * size, *inputs[1:])
+    recon, x, mu, logvar = _leaves(*inputs, x_grad=True)
+    loss = fastvae.elbo_loss(recon, x, mu, logvar, reduction="none", backend="torch", **kw)
+    go = 0.5 + torch.rand(B, generator=torch.Generator().manual_seed(22))
+    scale = 1.0 / B if reduction == "batchmean" else 1.0
+    got = torch.autograd.grad((loss * go * scale).sum(), (recon, x))
+    ref, want = oracle.elbo(*inputs, reduction="none", grad_output=go * scale, **kw)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
+    for g, name in zip(got, ("recon", "x")):
+        torch.testing.assert_close(g.double(), want[name], rtol=1e-5, atol=1e-6 * want[name].abs().max().item())
+    red = fastvae.elbo_loss(recon, x, mu, logvar, reduction=reduction, backend="torch", **kw)
+    red_got = torch.autograd.grad(red, (recon, x))
+    for g, w in zip(red_got, got):
+        torch.testing.assert_close(g.double(), w.double() / go[:, None].double(), rtol=1e-5,
+                                   atol=1e-6 * w.abs().max().item())
+    with torch.no_grad():
+        plain = fastvae.elbo_loss(*inputs, reduction="none", backend="torch", **kw)
+    assert torch.equal(plain, loss.detach())
+
+
 def test_continuous_bernoulli_rows_near_one_half_do_not_cancel():
     """Near lam = 1/2 each pixel's NLL is bce - log C ~ (1/2 - t) s, both terms about log 2: the
     row sums are formed in float64, so a row's small loss keeps its digits."""
