@@ -68,6 +68,8 @@ def _target(x: Tensor, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
 # at 2 x 2^17 vs 23 at 2^16). The Gaussian's few passes are cheap, so its chunks are 4x larger,
 # fewer per call (B = 4096, alternating in one process: 6.2 -> 5.0 ms with 1 thread, 4.9 -> 3.8 ms
 # with 2; B = 65536: 243 -> 230 and 147 -> 137 ms); 2^18 for the Bernoulli was within the noise.
+# Re-checked with the Gaussian's two passes (88a4ba1), new / old per-block median: 2x chunks took
+# 1.11 / 1.10 the time at B = 4096 (1 / 2 threads), 8x were within the noise (1.00 / 0.97).
 _CHUNK_ELEMENTS = 1 << 17
 _CHUNK_SCALE = {"gaussian": 4}
 
