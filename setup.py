@@ -19,6 +19,9 @@ setup(
         "torch>=2.6",
         "triton; platform_system == 'Linux'",
         "numpy",
+        # the CPU fallback's fused loops (fastvae/_cpu_loops.py), compiled by LLVM at first use;
+        # without it the fallback runs its ATen formulation
+        "llvmlite>=0.45",
         "torchvision",
         "tqdm",
         "matplotlib",

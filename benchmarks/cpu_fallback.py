@@ -20,15 +20,12 @@ compile 3,104 and 25.3 ms. Reported per provider: the median and the minimum wal
 minor page faults per call (``f``; 0 where ``resource`` is missing), and the speed-ups of fastvae
 over eager and over compile.
 
-``floor`` is a lower bound for any formulation built from separate ATen ops, in the fallback's row
-chunks, with no loss bookkeeping or autograd: the passes none can skip. For the Bernoulli and the
-continuous Bernoulli: one ``exp`` pass over recon (the loss and its gradient need a transcendental
-per element; the row sums of logs can be logs of row products, as the fallback's are), one
-three-operand pass writing d recon from it and x, and one row ``sum``. For the Gaussian: one
-``sub`` writing d recon and one row ``sum``. ``compile / floor`` is the most any ATen formulation
-could gain over ``torch.compile``; an exact one needs more passes than the floor (the fallback's
-Bernoulli makes 14 ATen calls over each row chunk, 15 passes with its product's float64 cast; see
-``fastvae/_fallback.py``).
+``floor`` is the memory traffic no implementation can skip, fused or not: one pass that reads
+recon and x and writes a new d recon (``torch.sub`` into a new [B, N] tensor, with ATen's threads:
+a fresh buffer, as each call's gradient is, with its page faults), and nothing else: no
+transcendental, no row sums, no KL, no autograd. ``compile / floor`` is the most any
+implementation could gain over ``torch.compile``. (Before the fused loops the floor was a lower
+bound for formulations made of separate ATen ops; the fallback's loops now run below it.)
 """
 from __future__ import annotations
 
@@ -47,26 +44,12 @@ except ImportError:  # not on Windows
 FEATURES, LATENT = 784, 20
 
 
-def _floor(r, x, likelihood: str):
-    """The passes no formulation made of ATen ops can skip (see the module docstring), in the
-    fallback's row chunks: d recon written into a new [B, N] tensor, which is returned."""
+def _floor(r, x):
+    """The memory traffic no implementation can skip (see the module docstring): one pass that
+    reads recon and x and writes a new d recon [B, N], with ATen's threads."""
     import torch
 
-    from fastvae import _fallback
-
-    B, N = r.shape
-    step = _fallback._chunk_rows(N, likelihood)
-    a = torch.empty(min(step, B), N)
-    d = torch.empty(B, N)
-    for i in range(0, B, step):
-        s, t, k, di = r[i:i + step], x[i:i + step], min(step, B - i), d[i:i + step]
-        if likelihood == "gaussian":
-            torch.sub(s, t, out=di)                     # d recon (sigma folded in)
-        else:
-            e = torch.exp(s, out=a[:k])                 # the one transcendental per element
-            torch.addcmul(t, e, s, out=di)              # d recon from it and x
-        di.sum(1)                                       # the loss's row sums
-    return d
+    return torch.sub(r, x, out=torch.empty_like(r))
 
 
 def _rotation(names: list, i: int) -> list:
@@ -126,7 +109,7 @@ def _child(sizes, rounds_budget, likelihood="bernoulli"):
 
         def call(name):
             if name == "floor":
-                return _floor(inputs[0], inputs[1], likelihood)
+                return _floor(inputs[0], inputs[1])
             r, x, m, v = inputs
             leaves = [t.detach().requires_grad_() for t in (r, m, v)]
             loss = providers[name](leaves[0], x, leaves[1], leaves[2])

@@ -1,7 +1,12 @@
-"""The pure-PyTorch implementation of fastvae's ops (CPU, float64, and wherever Triton is absent).
+"""The PyTorch implementation of fastvae's ops (CPU, float64, and wherever Triton is absent).
 
-Written for speed on every x86 CPU, whatever ATen's dispatch level (AVX2 or AVX-512), with plain
-torch ops only (no compile step, no C++ toolchain):
+On CPU in float32, the Bernoulli on logits and the Gaussian with a number sigma run as one fused
+loop over the batch (``fastvae/_cpu_loops.py``: LLVM-compiled at first use, each row read once, the
+row sums and d recon written together; the continuous Bernoulli runs its Bernoulli part in it, chunk
+by chunk); :func:`_cpu_loops.takes` says when. Everything else (float64, half inputs, other
+strides, ``torch.compile`` tracing, ``FASTVAE_CPU_LOOPS=0``, no llvmlite) runs the ATen formulation
+below, written for speed on every x86 CPU, whatever ATen's dispatch level (AVX2 or AVX-512), with
+plain torch ops only (no compile step, no C++ toolchain):
 
 * **No ``softplus``/``log1p`` on the hot path.** ATen's AVX-512 kernels for them cost about ten
   times its AVX2 ones, while ``exp``, ``log`` and ``sigmoid`` are fast at both levels. With
@@ -48,6 +53,8 @@ from contextlib import nullcontext
 
 import torch
 from torch import Tensor
+
+from . import _cpu_loops
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -237,6 +244,11 @@ def _cb_log_norm(s: Tensor, value: bool, grad: bool, ws=None) -> tuple[Tensor | 
 def _bernoulli_logits(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale) -> Tensor:
     """BCE on logits, ``softplus(s) - s*t``, per row. Writes ``scale * (sigmoid(s) - t)`` into d_s
     (accurate relative to itself at confident logits) and ``-scale * s`` into d_t."""
+    if _cpu_loops.takes(s, t):  # the fused loop (same math, one pass)
+        rows = _cpu_loops.run("bernoulli_logits", s, t, d_s, scale)
+        if d_t is not None:
+            torch.mul(s, _constants((-scale,), s)[0], out=d_t)
+        return rows
     a, b = _cut(ws, s.shape[0])[:2]
     zero, one = _constants((0.0, 1.0), s)
     e = torch.abs(s, out=a).neg_().exp_()          # e = exp(-|s|) in (0, 1]
@@ -265,7 +277,10 @@ def _bernoulli_logits(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale
 
 def _bernoulli_logits_grads(s, t, sig, inv_sigma, log_norm, want, scale):
     ds = None
-    if want[0]:  # the arithmetic of _bernoulli_logits: sigmoid(s) - t = (h - t) + q (1 - 2h)
+    if want[0] and not torch.is_grad_enabled() and _cpu_loops.takes(s, t):  # as the forward
+        ds = torch.empty_like(s, memory_format=torch.contiguous_format)
+        _cpu_loops.run("bernoulli_logits", s, t, ds, scale)
+    elif want[0]:  # the arithmetic of _bernoulli_logits: sigmoid(s) - t = (h - t) + q (1 - 2h)
         e = torch.exp(-torch.abs(s))
         q = e / (1.0 + e)
         h = (s > 0).to(s.dtype)
@@ -327,8 +342,17 @@ def _gaussian(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale) -> Ten
     """``0.5 z^2 + log_norm`` with ``z = (s - t) / sigma`` per row: sigma the floats (inv_sigma,
     log_norm), or the per-element ``sig`` (log_norm = log sig + log(2 pi)/2). Gradients
     ``d_s = z / sigma = -d_t``, ``d_sig = (1 - z^2) / sigma``, times scale."""
-    a, b = _cut(ws, s.shape[0])[:2]
     D = s.shape[1]
+    if sig is None and _cpu_loops.takes(s, t):  # the fused loop: sum (s - t)^2 and ks (s - t)
+        k = inv_sigma * inv_sigma
+        g = d_s if d_s is not None else d_t
+        rows = _cpu_loops.run("gaussian", s, t, g, k * scale)
+        if d_t is not None:
+            torch.neg(g, out=d_t)
+        f, norm = _constants((0.5 * k, D * log_norm), rows)
+        rows.mul_(f)
+        return rows.add_(norm) if log_norm != 0.0 else rows
+    a, b = _cut(ws, s.shape[0])[:2]
     if sig is None:  # the gradient ks (s - t) and the row sums of squares: two passes
         k = inv_sigma * inv_sigma
         ks = k * scale
@@ -464,6 +488,13 @@ def _kl_weight(g, beta: float, active: Tensor | None, scale: float, per_row: boo
 
 # ---- the op ------------------------------------------------------------------------------------
 
+def _loop_takes_all(likelihood: str, from_logits: bool, sigma: Tensor | None) -> bool:
+    """Whether a fused loop (fastvae/_cpu_loops.py) computes the whole likelihood, so that the
+    forward runs it once over the batch: the Bernoulli on logits and the Gaussian with a number
+    sigma. (The continuous Bernoulli's bce part runs in it too, chunk by chunk.)"""
+    return (likelihood == "bernoulli" and from_logits) or (likelihood == "gaussian" and sigma is None)
+
+
 def _as(t: Tensor, dt: torch.dtype) -> Tensor:
     return t if t.dtype == dt else t.to(dt)
 
@@ -485,15 +516,20 @@ def _forward(recon, x, mu, logvar, sigma, args, want):
     fast = _likelihood(likelihood, from_logits)[0]
     kl, kl_eff, active, h = _kl_terms(_as(mu, dt), _as(logvar, dt), free_bits)
     bufs = [_grad_buffer(t, dt) if w else None for t, w in zip((recon, x, sigma), want)]
-    chunks = _row_chunks(B, D, likelihood)
-    step = B if chunks[0] is None else chunks[0].stop
-    ws = [torch.empty(step, D, dtype=dt, device=recon.device)
-          for _ in range(_WORKSPACES.get(likelihood, 2))]
-    t_ws = torch.empty(step, D, dtype=dt, device=recon.device) if x.dtype == torch.uint8 else None
+    if _loop_takes_all(likelihood, from_logits, sigma) and _cpu_loops.takes(recon, x):
+        # one fused loop over the whole batch (x as it is, uint8 too), no chunks, no scratch
+        chunks, ws, t_ws, raw_x = [None], None, None, True
+    else:
+        chunks = _row_chunks(B, D, likelihood)
+        step = B if chunks[0] is None else chunks[0].stop
+        ws = [torch.empty(step, D, dtype=dt, device=recon.device)
+              for _ in range(_WORKSPACES.get(likelihood, 2))]
+        t_ws = torch.empty(step, D, dtype=dt, device=recon.device) if x.dtype == torch.uint8 else None
+        raw_x = False
     rec = None  # float64 rows
     for c in chunks:
         s = _as(_take(recon, c), dt)
-        t = _target(_take(x, c), dt, None if t_ws is None else t_ws[: s.shape[0]])
+        t = x if raw_x else _target(_take(x, c), dt, None if t_ws is None else t_ws[: s.shape[0]])
         sig = None if sigma is None else _as(_take(sigma, c), dt)
         part = fast(s, t, sig, inv_sigma, log_norm, ws,
                     *(None if b is None else _take(b, c) for b in bufs), scale)

@@ -33,14 +33,29 @@ def _interpreted() -> bool:
 
 
 # (backend, device) pairs the op tests run on: the fallback on CPU (and CUDA when present), and
-# the Triton kernels on CUDA, or on CPU under the interpreter.
-BACKEND_DEVICES = [("torch", "cpu")]
+# the Triton kernels on CUDA, or on CPU under the interpreter. The fallback on CPU runs twice: with
+# its fused loops (fastvae/_cpu_loops.py, the default for float32) and with them off (its ATen
+# formulation, which float64, half inputs, torch.compile and machines without llvmlite run).
+BACKEND_DEVICES = [("torch", "cpu", "loops"), ("torch", "cpu", "aten")]
 if HAS_CUDA:
     BACKEND_DEVICES += [("torch", "cuda"), ("triton", "cuda")]
 elif _interpreted():
     BACKEND_DEVICES += [("triton", "cpu")]
 
 
-@pytest.fixture(params=BACKEND_DEVICES, ids=lambda p: f"{p[0]}-{p[1]}")
-def backend_device(request):
-    return request.param
+def use_formulation(name: str, monkeypatch) -> None:
+    """Run the fallback's fused CPU loops ("loops", the default) or its ATen formulation ("aten")."""
+    from fastvae import _cpu_loops
+
+    if name == "aten":
+        monkeypatch.setattr(_cpu_loops, "ENABLED", False)
+    else:
+        assert _cpu_loops.available(), "the fused CPU loops did not compile (is llvmlite installed?)"
+
+
+@pytest.fixture(params=BACKEND_DEVICES, ids=lambda p: "-".join(p))
+def backend_device(request, monkeypatch):
+    backend, device, *formulation = request.param
+    if formulation:
+        use_formulation(formulation[0], monkeypatch)
+    return backend, device

@@ -8,9 +8,20 @@ import torch
 
 import fastvae
 import oracle
+from conftest import use_formulation
 from fastvae import _fallback
 
 D = 784
+
+
+@pytest.fixture(autouse=True, params=["loops", "aten"])
+def formulation(request, monkeypatch):
+    """Every test here runs with the fallback's fused CPU loops and with its ATen formulation;
+    those marked ``aten`` test the latter's internals only."""
+    if request.param == "loops" and request.node.get_closest_marker("aten"):
+        pytest.skip("tests the ATen formulation's internals")
+    use_formulation(request.param, monkeypatch)
+    return request.param
 
 
 def _leaves(*tensors, x_grad=False):
@@ -58,6 +69,7 @@ def test_confident_logits_match_oracle(reduction):
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
 
 
+@pytest.mark.aten
 def test_confident_logits_rows_in_chunks(monkeypatch):
     """The same rows, walked in several row chunks."""
     monkeypatch.setattr(_fallback, "_CHUNK_ELEMENTS", 5 * D)
@@ -217,6 +229,7 @@ def _internal(likelihood):
     return "gaussian" if likelihood == "mse" else likelihood
 
 
+@pytest.mark.aten
 def test_gaussian_chunks_are_larger():
     """The Gaussian (and mse) walks 4x larger row chunks than the other likelihoods."""
     rows = _fallback._chunk_rows(D)
@@ -226,6 +239,7 @@ def test_gaussian_chunks_are_larger():
     assert len(_fallback._row_chunks(B, D, "bernoulli")) == 3 and _fallback._row_chunks(B, D, "gaussian") == [None]
 
 
+@pytest.mark.aten
 def test_gaussian_forward_walks_its_larger_chunks(monkeypatch):
     """The forward really takes the likelihood's chunks: a batch that is 3 chunks for the
     Bernoulli is one for the Gaussian and mse."""
@@ -397,6 +411,7 @@ def test_continuous_bernoulli_rows_near_one_half_do_not_cancel():
 def test_fallback_every_likelihood_compiles_fullgraph():
     """torch.compile(fullgraph=True) traces the fallback for every likelihood, with components, a
     learned sigma and free bits, and gives the oracle's values and gradients."""
+    torch._dynamo.reset()  # this test runs once per formulation: no recompile limit from the other
     for case in LIKELIHOODS:
         inputs, kw = _lik_case(*case, B=6, seed=15, N=30)
         leaves = list(_leaves(*inputs)) + ([kw["sigma"]] if case[2] == "tensor" else [])

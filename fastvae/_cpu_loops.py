@@ -1,0 +1,425 @@
+"""Fused CPU loops for the fallback: each likelihood's forward and gradient in one pass over memory.
+
+ATen runs one op at a time, so the fallback's exact Bernoulli makes about 15 passes over every row
+chunk, and ``torch.compile`` needs a C++ toolchain and compiles for seconds. These loops are
+written here as LLVM IR, one per likelihood, and compiled for the host CPU when a likelihood first
+needs them (``llvmlite``, the LLVM binding numba is built on, with no C++ toolchain: on this
+project's 2-core EPYC 0.03 s to import and about 0.1 s to compile a likelihood's loops). Each row
+is read once: the loop writes ``d recon`` (times the reduction's scale) and the row's NLL sum in
+float64 while the element is in registers. Targets may be float32 or uint8 (read as x / 255, the
+same bits as ``torch.div(x, 255.0)``).
+
+The transcendentals are written out (LLVM does not vectorise calls to libm), so they are the same
+on every x86 CPU whatever ATen's dispatch level:
+
+* ``e = exp(-|s|)`` by Cody-Waite reduction, ``-|s| = n ln 2 + r`` with |r| <= ln 2 / 2, and
+  Cephes' degree-7 polynomial for ``e^r`` (about 1 ulp), scaled by ``2^n`` through the exponent
+  bits in two halves (so subnormal results round once); below -104 the result is 0 (or NaN for
+  NaN);
+* ``log(1 + e)`` for e in [0, 1] as ``2 atanh(w)``, ``w = e / (2 + e)`` in [0, 1/3]:
+  ``2 (w + w^3/3 + ... + w^15/15)``, truncated below 5e-10 relative, with no cancellation for
+  tiny e (the same series as the Triton kernels' ``_log1p_small``);
+
+and the Bernoulli on logits is, per element (h = [s > 0], q = e / (1 + e) = sigmoid(-|s|))::
+
+    nll   = s (h - t) + log(1 + e)          s (h - t) = relu(s) - s t >= 0 for t in [0, 1]
+    d / ds = (h - t) + q (1 - 2 h)          = sigmoid(s) - t, no cancellation when confident
+
+the Gaussian with a number sigma ``(s - t)^2`` summed in float64 (each square exact there) and
+``d / ds = ks (s - t)``.
+
+Row sums accumulate in float64 over 16 lanes in a fixed order (the loop is vectorised 16 wide on
+every CPU: two 8-float registers with AVX2, one with AVX-512), so the loss is bitwise reproducible,
+whatever the thread count: rows are split between threads, never a row's sum. The threads are
+torch's own OpenMP team (``GOMP_parallel`` of the OpenMP runtime torch loaded, as in the C++ that
+``torch.compile`` writes), ``torch.get_num_threads()`` of them. Other threads would find torch's
+idle OpenMP workers spinning on the cores after each ATen op: on 2 cores at B = 4096, two Python
+threads (ctypes releases the GIL) ran the Bernoulli loop in 2.9 ms alone but 5.8 ms right after
+an ATen op, no faster than one thread (5.7 ms); torch's team takes 2.9 ms either way. Without an
+OpenMP runtime the loops run on one thread.
+
+``FASTVAE_CPU_LOOPS=0`` (read at import) turns the loops off: the fallback then runs its ATen
+formulation (also used for float64, half inputs, other strides, under ``torch.compile`` tracing
+and ``torch.func``, and where llvmlite is missing).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+import threading
+
+import torch
+from torch import Tensor
+
+ENABLED = os.environ.get("FASTVAE_CPU_LOOPS", "1") != "0"
+
+# the loops' vector width and the number of float64 partial sums of a row: fixed, so the loss's
+# bits do not depend on the CPU's vector registers
+_WIDTH = 16
+# rows are split between threads only above this many elements (ATen's own grain is 32768)
+_PARALLEL_MIN = 1 << 16
+
+
+def _c(v: float) -> str:
+    """An fp32 constant as LLVM IR writes it: the double of the float's value, in hex."""
+    v32 = struct.unpack("f", struct.pack("f", v))[0]
+    return "0x%016X" % struct.unpack("<Q", struct.pack("<d", v32))[0]
+
+
+class _IR:
+    """Straight-line IR for one element, one SSA value per call."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.n = 0
+
+    def __call__(self, expr: str) -> str:
+        self.n += 1
+        name = f"%v{self.n}"
+        self.lines.append(f"  {name} = {expr}")
+        return name
+
+    def fma(self, a, b, c):  # a * b + c, fused where the CPU has FMA
+        return self(f"call float @llvm.fmuladd.f32(float {a}, float {b}, float {c})")
+
+    def horner(self, x, coefficients):  # sum_k c_k x^(K-k), coefficients highest first
+        p = _c(coefficients[0])
+        for c in coefficients[1:]:
+            p = self.fma(p, x, _c(c))
+        return p
+
+
+# Cephes' expf on [-ln2/2, ln2/2]: e^r = 1 + r + r^2 P(r), highest first
+_EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
+          5.0000001201e-1)
+_LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4   # ln 2 = hi + lo, hi with few bits: n * hi exact
+_LOG2E = 1.4426950408889634
+
+
+def _exp_neg_abs(b: _IR, s: str) -> str:
+    """e = exp(-|s|) in [0, 1] (NaN for NaN)."""
+    x = b(f"fneg float {b(f'call float @llvm.fabs.f32(float {s})')}")
+    low = b(f"fcmp olt float {x}, {_c(-104.0)}")             # e^-104 < half the least subnormal
+    x = b(f"select i1 {low}, float {_c(-104.0)}, float {x}")  # (NaN stays NaN)
+    n = b(f"call float @llvm.rint.f32(float {b(f'fmul float {x}, {_c(_LOG2E)}')})")
+    r = b.fma(n, _c(-_LN2_HI), x)                             # x - n ln 2, in two steps
+    r = b.fma(n, _c(-_LN2_LO), r)
+    er = b(f"fadd float {b.fma(b.horner(r, _EXP_P), b(f'fmul float {r}, {r}'), r)}, 1.0")
+    # 2^n with n in [-150, 0] as 2^k1 * 2^k2, both normal floats (bits (k + 127) << 23); n is
+    # clamped first, so NaN never reaches the integer conversion (the result is NaN through er)
+    ni = b(f"fptosi float {b(f'call float @llvm.maxnum.f32(float {n}, float {_c(-150.0)})')} to i32")
+    k1 = b(f"ashr i32 {ni}, 1")
+    k2 = b(f"sub i32 {ni}, {k1}")
+    p1, p2 = (b(f"bitcast i32 {b(f'shl i32 {b(k)}, 23')} to float")
+              for k in (f"add i32 {k1}, 127", f"add i32 {k2}, 127"))
+    return b(f"fmul float {b(f'fmul float {er}, {p1}')}, {p2}")
+
+
+def _log1p_small(b: _IR, e: str) -> str:
+    """log(1 + e) for e in [0, 1]: 2 atanh(w), w = e / (2 + e) (see the module docstring)."""
+    w = b(f"fdiv float {e}, {b(f'fadd float {e}, 2.0')}")
+    w2 = b(f"fadd float {w}, {w}")
+    z = b(f"fmul float {w}, {w}")
+    p = b.horner(z, (1 / 15, 1 / 13, 1 / 11, 1 / 9, 1 / 7, 1 / 5, 1 / 3))
+    return b.fma(b(f"fmul float {w2}, {z}"), p, w2)           # 2w + 2w z (1/3 + z/5 + ...)
+
+
+def _bernoulli_logits(b: _IR, s: str, t: str, scale: str):
+    """(nll as double, d / ds times scale) of BCE with logits (module docstring)."""
+    e = _exp_neg_abs(b, s)
+    pos = b(f"fcmp ogt float {s}, 0.0")
+    ht = b(f"fsub float {b(f'select i1 {pos}, float 1.0, float 0.0')}, {t}")
+    nll = b.fma(s, ht, _log1p_small(b, e))
+    q = b(f"fdiv float {e}, {b(f'fadd float {e}, 1.0')}")
+    d = b.fma(q, b(f"select i1 {pos}, float -1.0, float 1.0"), ht)   # (h - t) + q (1 - 2h)
+    return b(f"fpext float {nll} to double"), b(f"fmul float {d}, {scale}")
+
+
+def _gaussian(b: _IR, s: str, t: str, scale: str):
+    """((s - t)^2 as double, exact; ks (s - t)) of the Gaussian with a number sigma."""
+    r = b(f"fsub float {s}, {t}")
+    rd = b(f"fpext float {r} to double")
+    return b(f"fmul double {rd}, {rd}"), b(f"fmul float {r}, {scale}")
+
+
+_ELEMENTS = {"bernoulli_logits": _bernoulli_logits, "gaussian": _gaussian}
+
+
+def _row_pointers(row: str, strides, t_ty: str, names) -> str:
+    """IR: ``names`` = pointers to row ``row`` of s, t and d, whose row ``strides`` are given."""
+    return "\n".join(
+        f"  {n}_off = mul i64 {row}, {st}\n  {n} = getelementptr {ty}, ptr {base}, i64 {n}_off"
+        for n, st, ty, base in zip(names, strides, ("float", t_ty, "float"), ("%s", "%t", "%d")))
+
+
+def _kernel(name: str, element, target: str, grad: bool) -> str:
+    """``void name(s, t, d, rows, R, D, s_row, t_row, d_row, scale)``: for each of R rows of D
+    elements (unit column stride, row strides in elements), ``rows[i]`` = the row's float64 sum of
+    the element's first value and, if ``grad``, ``d[i, j]`` = its second."""
+    b = _IR()
+    x = b("load float, ptr %sp")
+    if target == "u8":  # uint8 x read as x / 255, as torch.div(x, 255.0)
+        y = b(f"fdiv float {b('uitofp i8 %tb to float')}, {_c(255.0)}")
+    else:
+        y = b("load float, ptr %tp")
+    val, d = element(b, x, y, "%scale")
+    t_ty = "i8" if target == "u8" else "float"
+    t_load = "  %tb = load i8, ptr %tp\n" if target == "u8" else ""
+    store = f"  %dq = getelementptr float, ptr %drow, i64 %j\n  store float {d}, ptr %dq\n" if grad else ""
+    body = "\n".join(b.lines)
+    return f"""
+define void @{name}(ptr noalias nocapture readonly %s, ptr noalias nocapture readonly %t,
+                    ptr noalias nocapture %d, ptr noalias nocapture %rows, i64 %R, i64 %D,
+                    i64 %s_row, i64 %t_row, i64 %d_row, float %scale) nounwind {{
+entry:
+  %any_rows = icmp sgt i64 %R, 0
+  %any_cols = icmp sgt i64 %D, 0
+  br i1 %any_rows, label %row, label %exit
+row:
+  %i = phi i64 [0, %entry], [%i_next, %row_end]
+{_row_pointers("%i", ("%s_row", "%t_row", "%d_row"), t_ty, ("%srow", "%trow", "%drow"))}
+  br i1 %any_cols, label %col, label %row_end
+col:
+  %j = phi i64 [0, %row], [%j_next, %col]
+  %acc = phi double [0.0, %row], [%acc_next, %col]
+  %sp = getelementptr float, ptr %srow, i64 %j
+  %tp = getelementptr {t_ty}, ptr %trow, i64 %j
+{t_load}{body}
+  %acc_next = fadd reassoc double %acc, {val}
+{store}  %j_next = add nuw nsw i64 %j, 1
+  %more_cols = icmp slt i64 %j_next, %D
+  br i1 %more_cols, label %col, label %row_end, !llvm.loop !0
+row_end:
+  %sum = phi double [0.0, %row], [%acc_next, %col]
+  %rp = getelementptr double, ptr %rows, i64 %i
+  store double %sum, ptr %rp
+  %i_next = add nuw nsw i64 %i, 1
+  %more_rows = icmp slt i64 %i_next, %R
+  br i1 %more_rows, label %row, label %exit
+exit:
+  ret void
+}}
+"""
+
+
+def _parallel(name: str, t_ty: str) -> str:
+    """``void name_par(<name's arguments>, i32 threads)``: name over the rows in torch's OpenMP
+    team, thread k of n taking rows [R k / n, R (k + 1) / n)."""
+    fields = ", ".join(["ptr"] * 4 + ["i64"] * 5 + ["float"])
+    return f"""
+define internal void @{name}_omp(ptr %a) nounwind {{
+  %sp = getelementptr {{{fields}}}, ptr %a, i32 0, i32 0
+  %tp = getelementptr {{{fields}}}, ptr %a, i32 0, i32 1
+  %dp = getelementptr {{{fields}}}, ptr %a, i32 0, i32 2
+  %rp = getelementptr {{{fields}}}, ptr %a, i32 0, i32 3
+  %Rp = getelementptr {{{fields}}}, ptr %a, i32 0, i32 4
+  %Dp = getelementptr {{{fields}}}, ptr %a, i32 0, i32 5
+  %ssp = getelementptr {{{fields}}}, ptr %a, i32 0, i32 6
+  %tsp = getelementptr {{{fields}}}, ptr %a, i32 0, i32 7
+  %dsp = getelementptr {{{fields}}}, ptr %a, i32 0, i32 8
+  %scp = getelementptr {{{fields}}}, ptr %a, i32 0, i32 9
+  %s = load ptr, ptr %sp
+  %t = load ptr, ptr %tp
+  %d = load ptr, ptr %dp
+  %rows = load ptr, ptr %rp
+  %R = load i64, ptr %Rp
+  %D = load i64, ptr %Dp
+  %ss = load i64, ptr %ssp
+  %ts = load i64, ptr %tsp
+  %ds = load i64, ptr %dsp
+  %scale = load float, ptr %scp
+  %k32 = call i32 @omp_get_thread_num()
+  %n32 = call i32 @omp_get_num_threads()
+  %k = sext i32 %k32 to i64
+  %n = sext i32 %n32 to i64
+  %k1 = add i64 %k, 1
+  %lo_ = mul i64 %R, %k
+  %lo = sdiv i64 %lo_, %n
+  %hi_ = mul i64 %R, %k1
+  %hi = sdiv i64 %hi_, %n
+  %r = sub i64 %hi, %lo
+{_row_pointers("%lo", ("%ss", "%ts", "%ds"), t_ty, ("%s1", "%t1", "%d1"))}
+  %rows1 = getelementptr double, ptr %rows, i64 %lo
+  call void @{name}(ptr %s1, ptr %t1, ptr %d1, ptr %rows1, i64 %r, i64 %D, i64 %ss, i64 %ts, i64 %ds, float %scale)
+  ret void
+}}
+
+define void @{name}_par(ptr %s, ptr %t, ptr %d, ptr %rows, i64 %R, i64 %D, i64 %ss, i64 %ts,
+                        i64 %ds, float %scale, i32 %threads) nounwind {{
+  %a = alloca {{{fields}}}
+  %a0 = insertvalue {{{fields}}} poison, ptr %s, 0
+  %a1 = insertvalue {{{fields}}} %a0, ptr %t, 1
+  %a2 = insertvalue {{{fields}}} %a1, ptr %d, 2
+  %a3 = insertvalue {{{fields}}} %a2, ptr %rows, 3
+  %a4 = insertvalue {{{fields}}} %a3, i64 %R, 4
+  %a5 = insertvalue {{{fields}}} %a4, i64 %D, 5
+  %a6 = insertvalue {{{fields}}} %a5, i64 %ss, 6
+  %a7 = insertvalue {{{fields}}} %a6, i64 %ts, 7
+  %a8 = insertvalue {{{fields}}} %a7, i64 %ds, 8
+  %a9 = insertvalue {{{fields}}} %a8, float %scale, 9
+  store {{{fields}}} %a9, ptr %a
+  call void @GOMP_parallel(ptr @{name}_omp, ptr %a, i32 %threads, i32 0)
+  ret void
+}}
+"""
+
+
+_OPENMP_HEADER = """
+declare i32 @omp_get_thread_num()
+declare i32 @omp_get_num_threads()
+declare void @GOMP_parallel(ptr, ptr, i32, i32)
+"""
+
+_HEADER = f"""
+declare float @llvm.fabs.f32(float)
+declare float @llvm.rint.f32(float)
+declare float @llvm.maxnum.f32(float, float)
+declare float @llvm.fmuladd.f32(float, float, float)
+!0 = distinct !{{!0, !1, !2, !3}}
+!1 = !{{!"llvm.loop.vectorize.width", i32 {_WIDTH}}}
+!2 = !{{!"llvm.loop.vectorize.enable", i1 true}}
+!3 = !{{!"llvm.loop.interleave.count", i32 1}}
+"""
+
+_SIGNATURE = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 4), *([ctypes.c_int64] * 5), ctypes.c_float)
+_PAR_SIGNATURE = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 4), *([ctypes.c_int64] * 5), ctypes.c_float,
+                                  ctypes.c_int32)
+_OPENMP_SYMBOLS = ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _names(element: str, target: str):
+    for grad in (False, True):
+        yield grad, f"{element}_{target}{'_grad' if grad else ''}"
+
+
+def _openmp() -> dict | None:
+    """The addresses of the OpenMP entry points in the runtime torch loaded (GNU libgomp, or a
+    runtime that provides its GOMP_ interface: LLVM's libomp, Intel's libiomp5), or None."""
+    if torch.__config__.parallel_info().find("parallel backend: OpenMP") < 0:
+        return None
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if line.rstrip().endswith((".so", ".so.1", ".so.5"))}
+    except OSError:  # not Linux
+        return None
+    for path in sorted(paths):
+        if any(k in os.path.basename(path) for k in ("libgomp", "libiomp5", "libomp")):
+            try:
+                lib = ctypes.CDLL(path)  # already loaded by torch: the same runtime, the same team
+                return {n: ctypes.cast(getattr(lib, n), ctypes.c_void_p).value for n in _OPENMP_SYMBOLS}
+            except (OSError, AttributeError):
+                continue
+    return None
+
+
+def _build(element: str, target: str):
+    """Compile ``element``'s loops for targets ``target`` ("f32" or "u8") for the host CPU:
+    {grad: (ctypes function, its OpenMP-parallel twin or None)}, or None where llvmlite is
+    missing or fails."""
+    try:
+        import llvmlite.binding as llvm
+    except ImportError:
+        return None
+    if "omp" not in _state:
+        _state["omp"] = _openmp()
+    omp = _state["omp"]
+    t_ty = "i8" if target == "u8" else "float"
+    try:
+        llvm.initialize_native_target()
+        llvm.initialize_native_asmprinter()
+        source = _HEADER + "".join(_kernel(name, _ELEMENTS[element], target, g) for g, name in _names(element, target))
+        if omp is not None:
+            for name, address in omp.items():
+                llvm.add_symbol(name, address)
+            source += _OPENMP_HEADER + "".join(_parallel(name, t_ty) for g, name in _names(element, target))
+        module = llvm.parse_assembly(source)
+        module.verify()
+        machine = llvm.Target.from_default_triple().create_target_machine(
+            cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(), opt=3)
+        options = llvm.create_pipeline_tuning_options(speed_level=3)
+        options.loop_vectorization = True
+        builder = llvm.create_pass_builder(machine, options)
+        builder.getModulePassManager().run(module, builder)
+        engine = llvm.create_mcjit_compiler(module, machine)
+        engine.finalize_object()
+    except Exception:  # an llvmlite whose API differs: the ATen formulation serves
+        return None
+    fns = {g: (_SIGNATURE(engine.get_function_address(name)),
+               None if omp is None else _PAR_SIGNATURE(engine.get_function_address(name + "_par")))
+           for g, name in _names(element, target)}
+    _state.setdefault("keep", []).append((engine, module, machine))  # the code lives with its engine
+    return fns
+
+
+def _functions(element: str = "bernoulli_logits", target: str = "f32"):
+    """``element``'s compiled loops for ``target`` (see :func:`_build`), compiled on first use."""
+    key = (element, target)
+    fns = _state.get(key, False)
+    if fns is False:
+        with _lock:
+            fns = _state.get(key, False)
+            if fns is False:
+                fns = _state[key] = _build(element, target)
+    return fns
+
+
+def available() -> bool:
+    """Whether the loops are on and compile (compiles the Bernoulli's on the first call)."""
+    return ENABLED and _functions() is not None
+
+
+def _plain(t: Tensor) -> bool:
+    """A real CPU tensor whose memory the loop may read: not a tensor subclass (FakeTensor under
+    tracing) nor a torch.func wrapper, no lazy negation."""
+    return (type(t) is Tensor and t.device.type == "cpu" and t.layout == torch.strided
+            and not t.is_neg() and not _functorch_wrapped(t))
+
+
+def _functorch_wrapped(t: Tensor) -> bool:
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check(t)) if check is not None else False
+
+
+def takes(s: Tensor, t: Tensor) -> bool:
+    """Whether the loops can run on decoder outputs ``s`` and targets ``t`` ([R, D], CPU): s
+    float32, t float32 or uint8 of the same shape, both with unit column stride; not under
+    ``torch.compile`` tracing. (Compiles the loops on the first positive answer.)"""
+    if not ENABLED or torch.compiler.is_compiling():
+        return False
+    if s.dim() != 2 or s.dtype != torch.float32 or t.dtype not in (torch.float32, torch.uint8):
+        return False
+    if t.shape != s.shape or not (_plain(s) and _plain(t)):
+        return False
+    if s.shape[1] > 1 and (s.stride(1) != 1 or t.stride(1) != 1):
+        return False
+    return available()
+
+
+def run(element: str, s: Tensor, t: Tensor, d: Tensor | None, scale: float) -> Tensor:
+    """The float64 row sums [R] of ``element``'s first value over ``s``, ``t`` (see
+    :func:`takes`) and, when ``d`` (float32 [R, D], unit column stride) is given, its second value
+    written into d. ``scale`` multiplies the second value (fp32)."""
+    R, D = s.shape
+    if d is not None and (d.dtype != torch.float32 or d.shape != s.shape or not _plain(d)
+                          or (D > 1 and d.stride(1) != 1)):
+        raise ValueError("fastvae internal: the loop's gradient buffer must be float32 [R, D] "
+                         "with unit column stride")
+    rows = torch.empty(R, dtype=torch.float64)
+    if R == 0:
+        return rows
+    fns = _functions(element, "u8" if t.dtype == torch.uint8 else "f32")
+    if fns is None:
+        raise RuntimeError(f"fastvae internal: the {element} loop did not compile")
+    serial, parallel = fns[d is not None]
+    args = (s.data_ptr(), t.data_ptr(), 0 if d is None else d.data_ptr(), rows.data_ptr(),
+            R, D, s.stride(0), t.stride(0), 0 if d is None else d.stride(0), scale)
+    threads = min(torch.get_num_threads(), R) if R * D >= _PARALLEL_MIN else 1
+    if threads > 1 and parallel is not None:
+        parallel(*args, threads)
+    else:
+        serial(*args)
+    return rows

@@ -1,0 +1,197 @@
+"""The fallback's fused CPU loops (fastvae/_cpu_loops.py): each element's NLL and gradient against
+the float64 oracle over the whole float range, the row sums, targets as uint8, row strides, thread
+counts, and when the loops step aside (they are also run by every fallback test through the
+``loops`` formulation, see conftest.py)."""
+import math
+
+import pytest
+import torch
+
+import fastvae
+import oracle
+from fastvae import _cpu_loops, _fallback
+
+pytestmark = pytest.mark.skipif(not _cpu_loops.available(), reason="llvmlite is not installed")
+
+F32_EPS = 2.0 ** -24
+
+
+def _logits():
+    """Every binade from 1e-30 to 1e30 (both signs, 0, -0), plus the exp's switch points."""
+    mags = torch.logspace(-30, 30, 4001, dtype=torch.float64)
+    special = torch.tensor([0.0, 15.0, 20.0, 40.0, 86.0, 87.3, 88.0, 88.8, 100.0, 103.3, 103.9, 104.0,
+                            104.5, 200.0, 3.4e38], dtype=torch.float64)
+    m = torch.cat([mags, special])
+    s = torch.cat([m, -m, torch.tensor([-0.0], dtype=torch.float64)]).float()
+    return s
+
+
+def _per_element(element, s, t, scale=1.0):
+    """Each element as a row of one: the loop's NLL (its float64 row sum) and gradient."""
+    S, T = s.reshape(-1, 1), t.reshape(-1, 1)
+    d = torch.empty_like(S)
+    rows = _cpu_loops.run(element, S, T, d, scale)
+    return rows, d.reshape(-1)
+
+
+def _bce_oracle(s, t):
+    """BCE with logits and sigmoid(s) - t in float64, written from the formulas (the stable form,
+    so that softplus's threshold never rounds e^-|s| away)."""
+    s, t = s.double(), t.double()
+    e = torch.exp(-s.abs())
+    nll = s.clamp(min=0) - s * t + torch.log1p(e)
+    grad = torch.where(s > 0, (1.0 - t) - e / (1 + e), e / (1 + e) - t)
+    return nll, grad
+
+
+@pytest.mark.parametrize("target", [0.0, 1.0, 0.3])
+def test_bernoulli_elements_match_oracle_over_every_binade(target):
+    """NLL and gradient of every element within a few fp32 roundings of float64 (relative to the
+    value itself, so tiny losses of confident pixels keep their digits), down to subnormals."""
+    s = _logits()
+    t = torch.full_like(s, target)
+    nll, grad = _per_element("bernoulli_logits", s, t)
+    ref_nll, ref_grad = _bce_oracle(s, t)
+    normal = ref_nll.abs() >= 2.0 ** -126          # fp32 subnormals have absolute resolution only
+    rel = ((nll - ref_nll).abs() / ref_nll.abs().clamp(min=1e-300))[normal]
+    assert rel.max() <= 4 * F32_EPS, rel.max()
+    assert ((nll - ref_nll).abs()[~normal] <= 2.0 ** -149 * 2).all()
+    # the gradient (h - t) + q (1 - 2h): within a few roundings of its larger part; for t = 0 or 1
+    # (h - t is 0 where the model is right) that is relative to the gradient itself
+    err = (grad.double() - ref_grad).abs()
+    size = ref_grad.abs() + ((s > 0).double() - target).abs()
+    normal = size >= 2.0 ** -126
+    assert (err / size.clamp(min=1e-300))[normal].max() <= 4 * F32_EPS
+    assert (err[~normal] <= 2.0 ** -149 * 2).all()
+
+
+def test_bernoulli_special_values():
+    """NaN in, NaN out (loss and gradient); +-inf logits give what BCE's formula gives."""
+    s = torch.tensor([math.nan, 1.0, math.inf, -math.inf, math.inf, -math.inf])
+    t = torch.tensor([1.0, math.nan, 0.0, 1.0, 1.0, 0.0])
+    nll, grad = _per_element("bernoulli_logits", s, t)
+    assert nll[:2].isnan().all() and grad[:2].isnan().all()
+    assert nll[2] == math.inf and nll[3] == math.inf          # confidently wrong: infinite loss
+    assert grad[2] == 1.0 and grad[3] == -1.0
+    # confidently right at infinity: inf * 0 is NaN in the formula relu(s) - s t, as in ATen's
+    # formulation (never a finite wrong number)
+    assert nll[4:].isnan().all()
+
+
+def test_gaussian_elements_exact():
+    """(s - t)^2 summed in float64 is the square of fp32's s - t, exactly; d = ks (s - t)."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(3000, generator=g) * torch.logspace(-20, 20, 3000).float()
+    t = torch.randn(3000, generator=g)
+    sq, d = _per_element("gaussian", s, t, scale=0.37)
+    r = (s - t).double()
+    assert torch.equal(sq, r * r)
+    assert torch.equal(d, (s - t) * 0.37)
+
+
+@pytest.mark.parametrize("element", ["bernoulli_logits", "gaussian"])
+def test_rows_match_oracle_and_uint8_targets_equal_floats(element):
+    """Row sums over 784 pixels to 1e-6 of the float64 oracle; uint8 targets read as x / 255 give
+    the same bits as the float targets torch.div(x, 255.0) makes."""
+    g = torch.Generator().manual_seed(1)
+    s = 3.0 * torch.randn(1100, 784, generator=g)
+    xb = torch.randint(0, 256, (1100, 784), generator=g, dtype=torch.uint8)
+    xf = torch.div(xb, 255.0)
+    d8, df = torch.empty_like(s), torch.empty_like(s)
+    r8 = _cpu_loops.run(element, s, xb, d8, 1.0)
+    rf = _cpu_loops.run(element, s, xf, df, 1.0)
+    assert torch.equal(r8, rf) and torch.equal(d8, df)
+    if element == "gaussian":
+        ref = ((s.double() - xf.double()) ** 2).sum(1)
+    else:
+        ref = _bce_oracle(s, xf)[0].sum(1)
+    torch.testing.assert_close(rf, ref, rtol=1e-6, atol=0)
+
+
+def test_bitwise_the_same_for_any_thread_count_and_row_stride():
+    """Rows are split between threads, never a row's sum: 1 and 2 threads give the same bits; a
+    row-strided view (columns of a wider tensor) gives the contiguous copy's bits."""
+    g = torch.Generator().manual_seed(2)
+    wide = 2.0 * torch.randn(1500, 900, generator=g)
+    s = wide[:, 50:834]
+    t = torch.rand(1500, 784, generator=g)
+    assert s.stride(0) == 900 and s.shape[0] * s.shape[1] >= _cpu_loops._PARALLEL_MIN
+    before = torch.get_num_threads()
+    out = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            d = torch.full((1500, 784), math.nan)  # every element must be written
+            out.append((_cpu_loops.run("bernoulli_logits", s, t, d, 0.5), d))
+    finally:
+        torch.set_num_threads(before)
+    ref, ref_d = _bce_oracle(s, t)
+    torch.testing.assert_close(out[1][0], ref.sum(1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out[1][1].double(), 0.5 * ref_d, rtol=1e-6, atol=1e-7)
+    d = torch.empty(1500, 784)
+    contiguous = (_cpu_loops.run("bernoulli_logits", s.contiguous(), t, d, 0.5), d)
+    for a, b in ((out[0], out[1]), (out[0], contiguous)):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_without_gradient_same_rows():
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(40, 784, generator=g), torch.rand(40, 784, generator=g)
+    for element in ("bernoulli_logits", "gaussian"):
+        assert torch.equal(_cpu_loops.run(element, s, t, None, 1.0),
+                           _cpu_loops.run(element, s, t, torch.empty_like(s), 1.0))
+
+
+def test_empty_and_single_column():
+    for R, D in ((0, 784), (5, 1), (3, 0)):
+        s, t = torch.randn(R, D), torch.rand(R, D)
+        d = torch.empty(R, D)
+        rows = _cpu_loops.run("bernoulli_logits", s, t, d, 1.0)
+        ref, ref_d = _bce_oracle(s, t)
+        torch.testing.assert_close(rows, ref.sum(1), rtol=1e-6, atol=0)
+        torch.testing.assert_close(d.double(), ref_d, rtol=1e-6, atol=1e-7)
+
+
+def test_takes_only_what_it_can_read():
+    """The loops run on float32 decoder outputs with float32 or uint8 targets of the same shape
+    and unit column stride; anything else goes to the ATen formulation."""
+    s, t = torch.randn(4, 6), torch.rand(4, 6)
+    assert _cpu_loops.takes(s, t) and _cpu_loops.takes(s, (t * 255).to(torch.uint8))
+    assert not _cpu_loops.takes(s.double(), t.double())
+    assert not _cpu_loops.takes(s.bfloat16(), t)
+    assert not _cpu_loops.takes(s, t.double())
+    assert not _cpu_loops.takes(s.t(), t.t())                       # column stride 4
+    assert not _cpu_loops.takes(s, t[:3])
+    assert not _cpu_loops.takes(s.reshape(2, 2, 6), t.reshape(2, 2, 6))
+    with pytest.raises(ValueError, match="gradient buffer"):
+        _cpu_loops.run("bernoulli_logits", s, t, torch.empty(4, 6, dtype=torch.float64), 1.0)
+
+
+def test_off_switch(monkeypatch):
+    monkeypatch.setattr(_cpu_loops, "ENABLED", False)
+    assert not _cpu_loops.takes(torch.randn(4, 6), torch.rand(4, 6))
+
+
+def test_elbo_runs_the_loops_once_over_the_batch(monkeypatch):
+    """The op calls the loop once for a whole batch of several ATen chunks (Bernoulli on logits,
+    Gaussian with a number sigma, uint8 x too) and gives the oracle's loss and gradients."""
+    calls = []
+    real = _cpu_loops.run
+    monkeypatch.setattr(_cpu_loops, "run", lambda e, s, *a: calls.append((e, s.shape[0])) or real(e, s, *a))
+    B = 3 * _fallback._chunk_rows(784) + 7
+    g = torch.Generator().manual_seed(4)
+    recon = 2.0 * torch.randn(B, 784, generator=g)
+    x = torch.randint(0, 256, (B, 784), generator=g, dtype=torch.uint8)
+    mu, logvar = torch.randn(B, 20, generator=g), 0.5 * torch.randn(B, 20, generator=g)
+    for kw in (dict(), dict(likelihood="gaussian", sigma=0.5)):
+        calls.clear()
+        leaves = [t.clone().requires_grad_() for t in (recon, mu, logvar)]
+        loss = fastvae.elbo_loss(leaves[0], x, leaves[1], leaves[2], reduction="batchmean",
+                                 backend="torch", **kw)
+        go = torch.tensor(0.7)
+        grads = torch.autograd.grad(loss, leaves, go)
+        assert calls == [("bernoulli_logits" if not kw else "gaussian", B)]
+        ref, ref_grads = oracle.elbo(recon, x, mu, logvar, reduction="batchmean", grad_output=go, **kw)
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=0)
+        for name, got in zip(("recon", "mu", "logvar"), grads):
+            torch.testing.assert_close(got.double(), ref_grads[name], rtol=1e-5, atol=1e-9)
