@@ -143,7 +143,74 @@ def _gaussian(b: _IR, s: str, t: str, scale: str):
     return b(f"fmul double {rd}, {rd}"), b(f"fmul float {r}, {scale}")
 
 
-_ELEMENTS = {"bernoulli_logits": _bernoulli_logits, "gaussian": _gaussian}
+_LN2 = 0.6931471805599453
+_SQRT2 = 1.4142135623730951
+
+
+def _log(b: _IR, x: str) -> str:
+    """log(x) for x >= 1 (+inf for +inf): x = 2^k m with m in [sqrt(1/2), sqrt(2)) from the
+    exponent bits, log m = 2 atanh(u), u = (m - 1) / (m + 1), |u| <= 0.172: 2 (u + u^3/3 + ... +
+    u^11/11), truncated below 5e-11; log x = k ln 2 + log m (ln 2 in two parts, k ln 2_hi exact)."""
+    bits = b(f"bitcast float {x} to i32")
+    k = b(f"sub i32 {b(f'lshr i32 {bits}, 23')}, 127")
+    mantissa = b(f"and i32 {bits}, 8388607")
+    m = b(f"bitcast i32 {b(f'or i32 {mantissa}, 1065353216')} to float")           # in [1, 2)
+    big = b(f"fcmp ogt float {m}, {_c(_SQRT2)}")
+    m = b(f"select i1 {big}, float {b(f'fmul float {m}, 0.5')}, float {m}")
+    carry = b(f"zext i1 {big} to i32")
+    k = b(f"sitofp i32 {b(f'add i32 {k}, {carry}')} to float")
+    u = b(f"fdiv float {b(f'fsub float {m}, 1.0')}, {b(f'fadd float {m}, 1.0')}")
+    u2 = b(f"fadd float {u}, {u}")
+    z = b(f"fmul float {u}, {u}")
+    p = b.horner(z, (1 / 11, 1 / 9, 1 / 7, 1 / 5, 1 / 3))
+    log_m = b.fma(b(f"fmul float {u2}, {z}"), p, u2)
+    r = b.fma(k, _c(_LN2_LO), log_m)
+    r = b.fma(k, _c(_LN2_HI), r)
+    inf = b(f"fcmp oeq float {x}, 0x7FF0000000000000")
+    return b(f"select i1 {inf}, float 0x7FF0000000000000, float {r}")
+
+
+# the continuous Bernoulli's series below |s| = 0.75 in z = s^2, highest first, shared with the
+# fallback's ATen formulation (fastvae/_fallback.py has their derivation and truncation):
+# (log C - log 2) / z and (d log C / ds) / |s|
+CB_LOG_C = (-1414477.0 / 1915538625.0 / 4096, 146.0 / 66825.0 / 1024, -127.0 / 18900.0 / 256,
+            62.0 / 2835.0 / 64, -7.0 / 90.0 / 16, 1.0 / 3.0 / 4)
+CB_DLOG_C = (-1414477.0 / 653837184000.0, 73.0 / 3421440.0, -127.0 / 604800.0, 31.0 / 15120.0,
+             -7.0 / 360.0, 1.0 / 6.0)
+CB_SERIES_BELOW = 0.75
+
+
+def _continuous_bernoulli(b: _IR, s: str, t: str, scale: str):
+    """(bce - (log C - log 2) as double, (d bce - d log C) times scale) of the continuous
+    Bernoulli on logits, log C(s) = log(s / tanh(s/2)) (the caller takes the rows' D log 2 away):
+    below |s| = 0.75 log C - log 2 and d log C / ds from their series in z = s^2, above from the
+    closed forms with a = |s| and e = e^-a <= 0.47 (as the ATen formulation, fastvae/_fallback.py):
+        log C - log 2 = log(a (1 + e) / (2 (1 - e))),   d log C / ds = sign(s) (1/a - 2e / (1 - e^2))
+    NaN stays NaN (through the bce); s = +-inf gives NaN, as inf - inf."""
+    nll, d = _bernoulli_logits(b, s, t, "1.0")
+    a = b(f"call float @llvm.fabs.f32(float {s})")
+    small = b(f"fcmp olt float {a}, {_c(CB_SERIES_BELOW)}")
+    a_small = b(f"select i1 {small}, float {a}, float {_c(CB_SERIES_BELOW)}")
+    a_big = b(f"select i1 {small}, float {_c(CB_SERIES_BELOW)}, float {a}")
+    z = b(f"fmul float {a_small}, {a_small}")
+    e = _exp_neg_abs(b, a_big)
+    w = b(f"fadd float {e}, 1.0")                                   # 1 + e
+    m2 = b.fma(e, _c(-2.0), "2.0")                                  # 2 (1 - e)
+    big = _log(b, b(f"fdiv float {b(f'fmul float {a_big}, {w}')}, {m2}"))
+    q = b(f"fdiv float {e}, {b(f'fmul float {m2}, {w}')}")          # e / (2 (1 - e^2))
+    big_d = b.fma(q, _c(-4.0), b(f"fdiv float 1.0, {a_big}"))
+    series = b(f"fmul float {b.horner(z, CB_LOG_C)}, {z}")
+    log_c = b(f"select i1 {small}, float {series}, float {big}")
+    series_d = b(f"fmul float {b.horner(z, CB_DLOG_C)}, {a_small}")
+    d_abs = b(f"select i1 {small}, float {series_d}, float {big_d}")
+    neg = b(f"fcmp olt float {s}, 0.0")
+    d_log_c = b(f"select i1 {neg}, float {b(f'fneg float {d_abs}')}, float {d_abs}")
+    nll = b(f"fsub double {nll}, {b(f'fpext float {log_c} to double')}")
+    return nll, b(f"fmul float {b(f'fsub float {d}, {d_log_c}')}, {scale}")
+
+
+_ELEMENTS = {"bernoulli_logits": _bernoulli_logits, "gaussian": _gaussian,
+             "continuous_bernoulli": _continuous_bernoulli}
 
 
 def _row_pointers(row: str, strides, t_ty: str, names) -> str:

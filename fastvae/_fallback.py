@@ -1,9 +1,9 @@
 """The PyTorch implementation of fastvae's ops (CPU, float64, and wherever Triton is absent).
 
-On CPU in float32, the Bernoulli on logits and the Gaussian with a number sigma run as one fused
-loop over the batch (``fastvae/_cpu_loops.py``: LLVM-compiled at first use, each row read once, the
-row sums and d recon written together; the continuous Bernoulli runs its Bernoulli part in it, chunk
-by chunk); :func:`_cpu_loops.takes` says when. Everything else (float64, half inputs, other
+On CPU in float32, the Bernoulli on logits, the continuous Bernoulli and the Gaussian with a number
+sigma run as one fused loop over the batch (``fastvae/_cpu_loops.py``: LLVM-compiled at first use,
+each row read once, the row sums and d recon written together, the same math as below);
+:func:`_cpu_loops.takes` says when. Everything else (float64, half inputs, other
 strides, ``torch.compile`` tracing, ``FASTVAE_CPU_LOOPS=0``, no llvmlite) runs the ATen formulation
 below, written for speed on every x86 CPU, whatever ATen's dispatch level (AVX2 or AVX-512), with
 plain torch ops only (no compile step, no C++ toolchain):
@@ -153,12 +153,9 @@ _LOG_2 = math.log(2.0)
 # are evaluated at max(a, 0.75) and the series at min(a, 0.75), so both are finite everywhere and
 # each element takes exactly one of them (small * [a < 0.75] + big * [a >= 0.75]). log C - log 2
 # is what is formed per element (the log 2 is added to the float64 row sums), so a row near
-# lam = 1/2 keeps its digits.
-_CB_LOG_C = (-1414477.0 / 1915538625.0 / 4096, 146.0 / 66825.0 / 1024, -127.0 / 18900.0 / 256,
-             62.0 / 2835.0 / 64, -7.0 / 90.0 / 16, 1.0 / 3.0 / 4)
-_CB_DLOG_C = (-1414477.0 / 653837184000.0, 73.0 / 3421440.0, -127.0 / 604800.0, 31.0 / 15120.0,
-              -7.0 / 360.0, 1.0 / 6.0)
-_CB_SERIES_BELOW = 0.75
+# lam = 1/2 keeps its digits. The fused loop (fastvae/_cpu_loops.py) computes the same, with these
+# coefficients, which live there.
+_CB_LOG_C, _CB_DLOG_C, _CB_SERIES_BELOW = _cpu_loops.CB_LOG_C, _cpu_loops.CB_DLOG_C, _cpu_loops.CB_SERIES_BELOW
 
 
 _CONSTANTS: dict = {}
@@ -415,6 +412,12 @@ def _gaussian_grads(s, t, sig, inv_sigma, log_norm, want, scale):
 
 def _continuous_bernoulli(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale) -> Tensor:
     """The continuous Bernoulli on logits: ``bce(s, t) - log C(s)`` per row (see _cb_log_norm)."""
+    D = s.shape[1]
+    if _cpu_loops.takes(s, t):  # the fused loop: bce - (log C - log 2) per element, the same math
+        rows = _cpu_loops.run("continuous_bernoulli", s, t, d_s, scale)
+        if d_t is not None:
+            torch.mul(s, _constants((-scale,), s)[0], out=d_t)
+        return rows.sub_(_constants((D * _LOG_2,), rows)[0])
     rows = _bernoulli_logits(s, t, None, 1.0, 0.0, ws, d_s, d_t, None, scale)
     log_c, d_log_c = _cb_log_norm(s, True, d_s is not None, _cut(ws, s.shape[0]))
     if d_s is not None:
@@ -422,10 +425,14 @@ def _continuous_bernoulli(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, s
     # near s = 0 the bce and log C rows are both about D log 2 and cancel: the row sums of
     # log C - log 2 (small, one sign: summed in fp32, accurate relative to themselves) and the
     # D log 2 are taken out of the bce's float64 rows
-    return rows.sub_(log_c.sum(1)).sub_(s.shape[1] * _LOG_2)
+    return rows.sub_(log_c.sum(1)).sub_(D * _LOG_2)
 
 
 def _continuous_bernoulli_grads(s, t, sig, inv_sigma, log_norm, want, scale):
+    if want[0] and not torch.is_grad_enabled() and _cpu_loops.takes(s, t):  # as the forward
+        ds = torch.empty_like(s, memory_format=torch.contiguous_format)
+        _cpu_loops.run("continuous_bernoulli", s, t, ds, scale)
+        return ds, (s * -scale if want[1] else None), None
     ds, dt, _ = _bernoulli_logits_grads(s, t, None, 1.0, 0.0, want, scale)
     if ds is not None:
         d_log_c = _cb_log_norm(s, False, True)[1]
@@ -490,9 +497,10 @@ def _kl_weight(g, beta: float, active: Tensor | None, scale: float, per_row: boo
 
 def _loop_takes_all(likelihood: str, from_logits: bool, sigma: Tensor | None) -> bool:
     """Whether a fused loop (fastvae/_cpu_loops.py) computes the whole likelihood, so that the
-    forward runs it once over the batch: the Bernoulli on logits and the Gaussian with a number
-    sigma. (The continuous Bernoulli's bce part runs in it too, chunk by chunk.)"""
-    return (likelihood == "bernoulli" and from_logits) or (likelihood == "gaussian" and sigma is None)
+    forward runs it once over the batch: the Bernoulli on logits, the continuous Bernoulli and the
+    Gaussian with a number sigma (a per-element sigma takes the ATen formulation)."""
+    return ((likelihood == "bernoulli" and from_logits) or likelihood == "continuous_bernoulli"
+            or (likelihood == "gaussian" and sigma is None))
 
 
 def _as(t: Tensor, dt: torch.dtype) -> Tensor:

@@ -78,6 +78,31 @@ def test_bernoulli_special_values():
     assert nll[4:].isnan().all()
 
 
+@pytest.mark.parametrize("target", [0.0, 1.0, 0.3])
+def test_continuous_bernoulli_elements_match_oracle(target):
+    """NLL = bce - log C per element within a few fp32 roundings of its two parts (they cancel
+    near lam = 1/2, where the row sums are float64), and d/ds within a few roundings of its parts:
+    for |s| >= 0.75 the closed form 1/a - 1/sinh(a), whose terms are ~1.2 there, plus the series'
+    truncation (4.9e-9) below."""
+    mags = torch.logspace(-30, 30, 4001, dtype=torch.float64)
+    s = torch.cat([mags, -mags, torch.linspace(-3, 3, 6001, dtype=torch.float64),
+                   torch.tensor([0.0, 0.7499999, 0.75, 0.7500001], dtype=torch.float64)]).float()
+    t = torch.full_like(s, target)
+    rows, grad = _per_element("continuous_bernoulli", s, t)
+    nll = rows - math.log(2.0)                 # the caller takes D log 2 off the rows
+    sd = s.double().requires_grad_()
+    ref = oracle._continuous_bernoulli(sd, t.double())
+    ref_grad, = torch.autograd.grad(ref.sum(), sd)
+    a = sd.detach().abs()
+    bce = oracle._bernoulli_logits(sd.detach(), t.double())
+    log_c = torch.where(a > 0, oracle.cb_log_norm_closed(torch.where(a > 0, a, 1.0)), math.log(2.0))
+    assert ((nll - ref.detach()).abs() <= 4 * F32_EPS * (bce + log_c)).all()
+    d_bce = _bce_oracle(s, t)[1].abs()
+    d_log_c = torch.where(a < 0.75, (ref_grad - _bce_oracle(s, t)[1]).abs(),
+                          1.0 / a + 1.0 / torch.sinh(a.clamp(max=80.0)))
+    assert ((grad.double() - ref_grad).abs() <= 4 * F32_EPS * (d_bce + d_log_c) + 5e-9).all()
+
+
 def test_gaussian_elements_exact():
     """(s - t)^2 summed in float64 is the square of fp32's s - t, exactly; d = ks (s - t)."""
     g = torch.Generator().manual_seed(0)
@@ -89,7 +114,7 @@ def test_gaussian_elements_exact():
     assert torch.equal(d, (s - t) * 0.37)
 
 
-@pytest.mark.parametrize("element", ["bernoulli_logits", "gaussian"])
+@pytest.mark.parametrize("element", ["bernoulli_logits", "gaussian", "continuous_bernoulli"])
 def test_rows_match_oracle_and_uint8_targets_equal_floats(element):
     """Row sums over 784 pixels to 1e-6 of the float64 oracle; uint8 targets read as x / 255 give
     the same bits as the float targets torch.div(x, 255.0) makes."""
@@ -103,6 +128,8 @@ def test_rows_match_oracle_and_uint8_targets_equal_floats(element):
     assert torch.equal(r8, rf) and torch.equal(d8, df)
     if element == "gaussian":
         ref = ((s.double() - xf.double()) ** 2).sum(1)
+    elif element == "continuous_bernoulli":
+        ref = oracle._continuous_bernoulli(s.double(), xf.double()).sum(1) + 784 * math.log(2.0)
     else:
         ref = _bce_oracle(s, xf)[0].sum(1)
     torch.testing.assert_close(rf, ref, rtol=1e-6, atol=0)
@@ -137,7 +164,7 @@ def test_bitwise_the_same_for_any_thread_count_and_row_stride():
 def test_without_gradient_same_rows():
     g = torch.Generator().manual_seed(3)
     s, t = torch.randn(40, 784, generator=g), torch.rand(40, 784, generator=g)
-    for element in ("bernoulli_logits", "gaussian"):
+    for element in ("bernoulli_logits", "gaussian", "continuous_bernoulli"):
         assert torch.equal(_cpu_loops.run(element, s, t, None, 1.0),
                            _cpu_loops.run(element, s, t, torch.empty_like(s), 1.0))
 
@@ -174,7 +201,8 @@ def test_off_switch(monkeypatch):
 
 def test_elbo_runs_the_loops_once_over_the_batch(monkeypatch):
     """The op calls the loop once for a whole batch of several ATen chunks (Bernoulli on logits,
-    Gaussian with a number sigma, uint8 x too) and gives the oracle's loss and gradients."""
+    Gaussian with a number sigma, continuous Bernoulli; uint8 x) and gives the oracle's loss and
+    gradients."""
     calls = []
     real = _cpu_loops.run
     monkeypatch.setattr(_cpu_loops, "run", lambda e, s, *a: calls.append((e, s.shape[0])) or real(e, s, *a))
@@ -183,15 +211,46 @@ def test_elbo_runs_the_loops_once_over_the_batch(monkeypatch):
     recon = 2.0 * torch.randn(B, 784, generator=g)
     x = torch.randint(0, 256, (B, 784), generator=g, dtype=torch.uint8)
     mu, logvar = torch.randn(B, 20, generator=g), 0.5 * torch.randn(B, 20, generator=g)
-    for kw in (dict(), dict(likelihood="gaussian", sigma=0.5)):
+    for kw in (dict(), dict(likelihood="gaussian", sigma=0.5), dict(likelihood="continuous_bernoulli")):
         calls.clear()
         leaves = [t.clone().requires_grad_() for t in (recon, mu, logvar)]
         loss = fastvae.elbo_loss(leaves[0], x, leaves[1], leaves[2], reduction="batchmean",
                                  backend="torch", **kw)
         go = torch.tensor(0.7)
         grads = torch.autograd.grad(loss, leaves, go)
-        assert calls == [("bernoulli_logits" if not kw else "gaussian", B)]
+        assert calls == [({"gaussian": "gaussian", "continuous_bernoulli": "continuous_bernoulli"}
+                          .get(kw.get("likelihood"), "bernoulli_logits"), B)]
         ref, ref_grads = oracle.elbo(recon, x, mu, logvar, reduction="batchmean", grad_output=go, **kw)
         torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=0)
         for name, got in zip(("recon", "mu", "logvar"), grads):
             torch.testing.assert_close(got.double(), ref_grads[name], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "continuous_bernoulli"])
+def test_special_values_as_the_aten_formulation(likelihood, monkeypatch):
+    """Rows holding one NaN, +-inf or huge value among ordinary ones: per-row losses and
+    gradients NaN, infinite or finite where the ATen formulation's are, and close where finite."""
+    specials = [math.nan, math.inf, -math.inf, 3e38, -3e38, 1e-30, 0.0, -0.0]
+    g = torch.Generator().manual_seed(5)
+    recon = torch.randn(2 * len(specials), 50, generator=g)
+    x = torch.rand(2 * len(specials), 50, generator=g)
+    for i, v in enumerate(specials):
+        recon[i, 7] = v                      # a special decoder output
+        x[len(specials) + i, 7] = v if math.isfinite(v) or math.isnan(v) else 0.5  # a special target
+    mu = torch.zeros(recon.shape[0], 3)
+    kw = dict(likelihood=likelihood, sigma=0.5) if likelihood == "gaussian" else dict(likelihood=likelihood)
+
+    def run():
+        r = recon.clone().requires_grad_()
+        loss = fastvae.elbo_loss(r, x, mu, mu, reduction="none", backend="torch", **kw)
+        d, = torch.autograd.grad(loss.sum(), r)
+        return loss.detach(), d
+
+    loop = run()
+    monkeypatch.setattr(_cpu_loops, "ENABLED", False)
+    aten = run()
+    for a, b in zip(loop, aten):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+        assert torch.equal(a[a.isinf()], b[b.isinf()])
+        finite = a.isfinite()
+        torch.testing.assert_close(a[finite], b[finite], rtol=1e-5, atol=1e-6)
