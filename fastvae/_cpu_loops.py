@@ -45,6 +45,7 @@ and ``torch.func``, and where llvmlite is missing).
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import struct
 import threading
@@ -209,8 +210,47 @@ def _continuous_bernoulli(b: _IR, s: str, t: str, scale: str):
     return nll, b(f"fmul float {b(f'fsub float {d}, {d_log_c}')}, {scale}")
 
 
+# expm1 on |r| <= ln 2 / 2: r + r^2 (1/2 + r/6 + ... + r^6/8!) (Taylor, truncated below 2e-10
+# relative), highest first
+_EXPM1_P = tuple(1.0 / math.factorial(k) for k in range(8, 1, -1))
+
+
+def _expm1(b: _IR, x: str) -> str:
+    """e^x - 1 without cancellation near 0: x = n ln 2 + r, |r| <= ln 2 / 2, p = e^r - 1 from its
+    series, then 2^n p + (2^n - 1) (2^n - 1 exact for |n| <= 24); from n = 25 up e^x itself
+    ((1 + p) 2^n in two halves, inf above 88.7), as -1 is below its rounding. x is clamped below
+    at -30 (e^x - 1 rounds to -1 there); NaN stays NaN."""
+    low = b(f"fcmp olt float {x}, {_c(-30.0)}")
+    x = b(f"select i1 {low}, float {_c(-30.0)}, float {x}")
+    high = b(f"fcmp ogt float {x}, {_c(100.0)}")
+    x = b(f"select i1 {high}, float {_c(100.0)}, float {x}")     # inf either way, n stays <= 145
+    n = b(f"call float @llvm.rint.f32(float {b(f'fmul float {x}, {_c(_LOG2E)}')})")
+    r = b.fma(n, _c(-_LN2_HI), x)
+    r = b.fma(n, _c(-_LN2_LO), r)
+    p = b.fma(b(f"fmul float {r}, {r}"), b.horner(r, _EXPM1_P), r)  # e^r - 1
+    ni = b(f"fptosi float {b(f'call float @llvm.maxnum.f32(float {n}, float {_c(-64.0)})')} to i32")
+    k1 = b(f"ashr i32 {ni}, 1")
+    k2 = b(f"sub i32 {ni}, {k1}")
+    p1, p2 = (b(f"bitcast i32 {b(f'shl i32 {b(k)}, 23')} to float")
+              for k in (f"add i32 {k1}, 127", f"add i32 {k2}, 127"))
+    two_n = b(f"fmul float {p1}, {p2}")                             # 2^n, exact while n <= 127
+    small = b.fma(two_n, p, b(f"fsub float {two_n}, 1.0"))         # 2^n p + (2^n - 1)
+    er = b(f"fadd float {p}, 1.0")                                  # e^r
+    big = b(f"fmul float {b(f'fmul float {er}, {p1}')}, {p2}")
+    return b(f"select i1 {b(f'fcmp oge float {n}, 25.0')}, float {big}, float {small}")
+
+
+def _gaussian_kl(b: _IR, v: str, mu: str, scale: str):
+    """(h - v + mu^2 as double, h) of the Gaussian KL times 2, with h = e^v - 1 (d KL / d logvar
+    times 2): ``s`` is logvar, ``t`` is mu; ``scale`` is unused (h is stored as it is)."""
+    h = _expm1(b, v)
+    md = b(f"fpext float {mu} to double")
+    hv = b(f"fsub double {b(f'fpext float {h} to double')}, {b(f'fpext float {v} to double')}")
+    return b(f"call double @llvm.fmuladd.f64(double {md}, double {md}, double {hv})"), h
+
+
 _ELEMENTS = {"bernoulli_logits": _bernoulli_logits, "gaussian": _gaussian,
-             "continuous_bernoulli": _continuous_bernoulli}
+             "continuous_bernoulli": _continuous_bernoulli, "gaussian_kl": _gaussian_kl}
 
 
 def _row_pointers(row: str, strides, t_ty: str, names) -> str:
@@ -343,6 +383,7 @@ declare float @llvm.fabs.f32(float)
 declare float @llvm.rint.f32(float)
 declare float @llvm.maxnum.f32(float, float)
 declare float @llvm.fmuladd.f32(float, float, float)
+declare double @llvm.fmuladd.f64(double, double, double)
 !0 = distinct !{{!0, !1, !2, !3}}
 !1 = !{{!"llvm.loop.vectorize.width", i32 {_WIDTH}}}
 !2 = !{{!"llvm.loop.vectorize.enable", i1 true}}

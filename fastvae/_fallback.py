@@ -459,11 +459,30 @@ def _likelihood(likelihood: str, from_logits: bool):
 
 # ---- KL, free bits, reductions -----------------------------------------------------------------
 
+def _kl_loop(mu: Tensor, logvar: Tensor, free_bits: float) -> bool:
+    """Whether the KL runs as a fused loop (no free bits, float32 CPU tensors; see _kl_terms)."""
+    return free_bits <= 0.0 and _cpu_loops.takes(logvar, mu)
+
+
+def _kl_h(mu: Tensor, logvar: Tensor, free_bits: float) -> Tensor:
+    """h = exp(logvar) - 1 as the forward made it (the recompute path's: the same bits outside
+    autograd and tracing, else torch.expm1, differentiable)."""
+    if not torch.is_grad_enabled() and _kl_loop(mu, logvar, free_bits):
+        return _kl_terms(mu, logvar, free_bits)[3]
+    return torch.expm1(logvar)
+
+
 def _kl_terms(mu: Tensor, logvar: Tensor, free_bits: float):
     """(kl rows, kl_eff rows, the [L] float mask of the dims above the free-bits floor or None,
     h = exp(logvar) - 1 (expm1), a buffer of the op's own); kl_eff_i = sum_k (KL_ik if active_k else
     free_bits). The KL is ``0.5 (h - logvar + mu^2)`` per element; ``h`` is d KL / d logvar
-    times 2, kept for the backward."""
+    times 2, kept for the backward. Without free bits, in float32 on CPU, one fused loop makes h
+    and the float64 rows (fastvae/_cpu_loops.py)."""
+    if _kl_loop(mu, logvar, free_bits):
+        h = torch.empty(logvar.shape, dtype=logvar.dtype)
+        rows = _cpu_loops.run("gaussian_kl", logvar, mu, h, 1.0)
+        kl = rows.mul_(_constants((0.5,), rows)[0]).to(logvar.dtype)
+        return kl, kl, None, h
     h = torch.expm1(logvar)
     kl2 = torch.sub(h, logvar).addcmul_(mu, mu)              # 2 KL_ik
     if free_bits <= 0.0:
@@ -579,7 +598,9 @@ def _recompute_grads(recon, x, mu, logvar, sigma, args, want, g, active):
                 grads[i] = d * f
     if want[2] or want[3]:
         m, v = mu.to(dt), logvar.to(dt)
-        d_mu, d_logvar = _kl_grads(m, torch.expm1(v), _kl_weight(g, beta, active, scale, per_row))
+        if not per_row and g.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            g = g.tolist()  # Python floats, as the single pass reads them: the same KL weight, bit for bit
+        d_mu, d_logvar = _kl_grads(m, _kl_h(m, v, free_bits), _kl_weight(g, beta, active, scale, per_row))
         grads[2] = d_mu if want[2] else None
         grads[3] = d_logvar if want[3] else None
     return grads

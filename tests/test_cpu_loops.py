@@ -103,6 +103,26 @@ def test_continuous_bernoulli_elements_match_oracle(target):
     assert ((grad.double() - ref_grad).abs() <= 4 * F32_EPS * (d_bce + d_log_c) + 5e-9).all()
 
 
+def test_kl_elements_match_oracle():
+    """h = exp(v) - 1 within a few fp32 roundings of float64 over every binade (no cancellation
+    near 0, subnormal-free down to v = -30, inf beyond 88.7), and 2 KL = h - v + mu^2 summed in
+    float64 from h."""
+    mags = torch.logspace(-30, 1, 3001, dtype=torch.float64)
+    v = torch.cat([mags, -mags, torch.linspace(-40, 88, 12801, dtype=torch.float64),
+                   torch.tensor([0.0, 17.3, 17.4, 88.7, 100.0], dtype=torch.float64)]).float()
+    mu = torch.randn(v.shape[0], generator=torch.Generator().manual_seed(6))
+    kl2, h = _per_element("gaussian_kl", v, mu)
+    ref = torch.expm1(v.double())
+    finite = ref < 3.4e38
+    assert ((h.double() - ref).abs() <= 4 * F32_EPS * ref.abs())[finite].all()
+    assert h[~finite].eq(math.inf).all() and finite[:-1].all()
+    want = h.double() - v.double() + mu.double() ** 2
+    torch.testing.assert_close(kl2, want, rtol=1e-15, atol=0)
+    kl2, h = _per_element("gaussian_kl", torch.tensor([math.nan, -math.inf, math.inf]), torch.zeros(3))
+    assert h[0].isnan() and h[1] == -1.0 and h[2] == math.inf
+    assert kl2[0].isnan() and kl2[1] == math.inf and kl2[2].isnan()   # inf - inf, as ATen's
+
+
 def test_gaussian_elements_exact():
     """(s - t)^2 summed in float64 is the square of fp32's s - t, exactly; d = ks (s - t)."""
     g = torch.Generator().manual_seed(0)
@@ -200,9 +220,9 @@ def test_off_switch(monkeypatch):
 
 
 def test_elbo_runs_the_loops_once_over_the_batch(monkeypatch):
-    """The op calls the loop once for a whole batch of several ATen chunks (Bernoulli on logits,
-    Gaussian with a number sigma, continuous Bernoulli; uint8 x) and gives the oracle's loss and
-    gradients."""
+    """The op calls the loops once for a whole batch of several ATen chunks (the KL, then the
+    Bernoulli on logits, the Gaussian with a number sigma or the continuous Bernoulli; uint8 x) and
+    gives the oracle's loss and gradients."""
     calls = []
     real = _cpu_loops.run
     monkeypatch.setattr(_cpu_loops, "run", lambda e, s, *a: calls.append((e, s.shape[0])) or real(e, s, *a))
@@ -218,8 +238,8 @@ def test_elbo_runs_the_loops_once_over_the_batch(monkeypatch):
                                  backend="torch", **kw)
         go = torch.tensor(0.7)
         grads = torch.autograd.grad(loss, leaves, go)
-        assert calls == [({"gaussian": "gaussian", "continuous_bernoulli": "continuous_bernoulli"}
-                          .get(kw.get("likelihood"), "bernoulli_logits"), B)]
+        name = kw.get("likelihood", "bernoulli_logits")
+        assert calls == [("gaussian_kl", B), (name, B)]
         ref, ref_grads = oracle.elbo(recon, x, mu, logvar, reduction="batchmean", grad_output=go, **kw)
         torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=0)
         for name, got in zip(("recon", "mu", "logvar"), grads):

@@ -293,19 +293,21 @@ def test_every_likelihood_hands_its_buffers_over(monkeypatch, case):
 
 @pytest.mark.parametrize("reduction", ["sum", "batchmean", "none"])
 @pytest.mark.parametrize("case", LIKELIHOODS, ids=LIKELIHOOD_IDS)
-def test_second_backward_recomputes_the_same_bits(case, reduction):
+@pytest.mark.parametrize("free_bits", [0.0, 0.2])
+def test_second_backward_recomputes_the_same_bits(case, reduction, free_bits):
     """A second backward of the graph (retain_graph) recomputes the gradients with the single
-    pass's arithmetic: the same bits as the first, for components' grad_outputs too."""
+    pass's arithmetic: the same bits as the first, for components' grad_outputs too (the KL with
+    and without free bits: without, its fused loop's h)."""
     inputs, kw = _lik_case(*case, B=30, seed=11)
     leaves = list(_leaves(*inputs, x_grad=True)) + ([kw["sigma"]] if case[2] == "tensor" else [])
-    comp = fastvae.elbo_loss(*leaves[:4], reduction=reduction, beta=0.6, free_bits=0.2,
+    comp = fastvae.elbo_loss(*leaves[:4], reduction=reduction, beta=0.6, free_bits=free_bits,
                              return_components=True, backend="torch", **kw)
     go = None if reduction != "none" else torch.linspace(-2, 2, 30)
     first = _grads_of(comp, leaves, (1.0, 0.5, -0.3), go, retain_graph=True)
     second = _grads_of(comp, leaves, (1.0, 0.5, -0.3), go)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
-    leaves_ref, ref = oracle.terms(*inputs, reduction=reduction, beta=0.6, free_bits=0.2, **kw)
+    leaves_ref, ref = oracle.terms(*inputs, reduction=reduction, beta=0.6, free_bits=free_bits, **kw)
     go64 = 1.0 if go is None else go.double()
     want = oracle.grads(sum(w * (ref[n] * go64).sum() for w, n in
                             zip((1.0, 0.5, -0.3), ("loss", "reconstruction", "kl"))), leaves_ref)
