@@ -481,10 +481,10 @@ def available() -> bool:
 
 
 def _plain(t: Tensor) -> bool:
-    """A real CPU tensor whose memory the loop may read: not a tensor subclass (FakeTensor under
-    tracing) nor a torch.func wrapper, no lazy negation."""
-    return (type(t) is Tensor and t.device.type == "cpu" and t.layout == torch.strided
-            and not t.is_neg() and not _functorch_wrapped(t))
+    """A real CPU tensor whose memory the loop may read (a Parameter too): not another tensor
+    subclass (FakeTensor under tracing) nor a torch.func wrapper, no lazy negation."""
+    return ((type(t) is Tensor or type(t) is torch.nn.Parameter) and t.device.type == "cpu"
+            and t.layout == torch.strided and not t.is_neg() and not _functorch_wrapped(t))
 
 
 def _functorch_wrapped(t: Tensor) -> bool:

@@ -181,6 +181,19 @@ def test_bitwise_the_same_for_any_thread_count_and_row_stride():
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+def test_broadcast_rows():
+    """Rows are addressed as start + i * row stride: a target broadcast over the batch (row stride
+    0, e.g. one template image) gives the bits of its contiguous copy."""
+    g = torch.Generator().manual_seed(7)
+    s = torch.randn(300, 784, generator=g)
+    t = torch.rand(1, 784, generator=g).expand(300, 784)
+    assert t.stride(0) == 0 and _cpu_loops.takes(s, t)
+    d1, d2 = torch.empty(300, 784), torch.empty(300, 784)
+    r1 = _cpu_loops.run("bernoulli_logits", s, t, d1, 1.0)
+    r2 = _cpu_loops.run("bernoulli_logits", s, t.contiguous(), d2, 1.0)
+    assert torch.equal(r1, r2) and torch.equal(d1, d2)
+
+
 def test_without_gradient_same_rows():
     g = torch.Generator().manual_seed(3)
     s, t = torch.randn(40, 784, generator=g), torch.rand(40, 784, generator=g)
@@ -210,6 +223,8 @@ def test_takes_only_what_it_can_read():
     assert not _cpu_loops.takes(s.t(), t.t())                       # column stride 4
     assert not _cpu_loops.takes(s, t[:3])
     assert not _cpu_loops.takes(s.reshape(2, 2, 6), t.reshape(2, 2, 6))
+    assert _cpu_loops.takes(torch.nn.Parameter(s), t)                # learned codes, for example
+    assert not _cpu_loops.takes(s.to("meta"), t.to("meta"))
     with pytest.raises(ValueError, match="gradient buffer"):
         _cpu_loops.run("bernoulli_logits", s, t, torch.empty(4, 6, dtype=torch.float64), 1.0)
 
