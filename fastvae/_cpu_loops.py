@@ -34,9 +34,9 @@ whatever the thread count: rows are split between threads, never a row's sum. Th
 torch's own OpenMP team (``GOMP_parallel`` of the OpenMP runtime torch loaded, as in the C++ that
 ``torch.compile`` writes), ``torch.get_num_threads()`` of them. Other threads would find torch's
 idle OpenMP workers spinning on the cores after each ATen op: on 2 cores at B = 4096, two Python
-threads (ctypes releases the GIL) ran the Bernoulli loop in 2.9 ms alone but 5.8 ms right after
-an ATen op, no faster than one thread (5.7 ms); torch's team takes 2.9 ms either way. Without an
-OpenMP runtime the loops run on one thread.
+threads (ctypes releases the GIL) ran the Bernoulli loop in 3.4-5.3 ms (median) alone and
+5.8-6.0 ms right after an ATen op, where one thread took 5.6-5.8 ms; torch's team takes 2.9-3.0 ms
+either way. Without an OpenMP runtime the loops run on one thread.
 
 ``FASTVAE_CPU_LOOPS=0`` (read at import) turns the loops off: the fallback then runs its ATen
 formulation (also used for float64, half inputs, other strides, under ``torch.compile`` tracing
