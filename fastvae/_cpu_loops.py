@@ -98,32 +98,54 @@ _LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4   # ln 2 = hi + lo, hi with few b
 _LOG2E = 1.4426950408889634
 
 
-def _exp_neg_abs(b: _IR, s: str) -> str:
-    """e = exp(-|s|) in [0, 1] (NaN for NaN)."""
-    x = b(f"fneg float {b(f'call float @llvm.fabs.f32(float {s})')}")
-    low = b(f"fcmp olt float {x}, {_c(-104.0)}")             # e^-104 < half the least subnormal
-    x = b(f"select i1 {low}, float {_c(-104.0)}, float {x}")  # (NaN stays NaN)
+def _clamp_below(b: _IR, x: str, lowest: float) -> str:
+    """max(x, lowest), NaN staying NaN (an ordered compare is false for NaN)."""
+    low = b(f"fcmp olt float {x}, {_c(lowest)}")
+    return b(f"select i1 {low}, float {_c(lowest)}, float {x}")
+
+
+def _reduce_ln2(b: _IR, x: str) -> tuple[str, str]:
+    """(n, r) with x = n ln 2 + r, n = rint(x / ln 2) as a float and |r| <= ln 2 / 2 (Cody-Waite:
+    r = x - n ln 2 in two steps, n ln 2_hi exact)."""
     n = b(f"call float @llvm.rint.f32(float {b(f'fmul float {x}, {_c(_LOG2E)}')})")
-    r = b.fma(n, _c(-_LN2_HI), x)                             # x - n ln 2, in two steps
-    r = b.fma(n, _c(-_LN2_LO), r)
-    er = b(f"fadd float {b.fma(b.horner(r, _EXP_P), b(f'fmul float {r}, {r}'), r)}, 1.0")
-    # 2^n with n in [-150, 0] as 2^k1 * 2^k2, both normal floats (bits (k + 127) << 23); n is
-    # clamped first, so NaN never reaches the integer conversion (the result is NaN through er)
-    ni = b(f"fptosi float {b(f'call float @llvm.maxnum.f32(float {n}, float {_c(-150.0)})')} to i32")
+    r = b.fma(n, _c(-_LN2_HI), x)
+    return n, b.fma(n, _c(-_LN2_LO), r)
+
+
+def _pow2_halves(b: _IR, n: str, lowest: float) -> tuple[str, str]:
+    """(2^k1, 2^k2), k1 + k2 = max(n, lowest), each half a normal float (bits (k + 127) << 23)
+    while |n| <= 252: their product scales a result with one rounding, into subnormals too. n is
+    clamped first, so NaN never reaches the integer conversion."""
+    ni = b(f"fptosi float {b(f'call float @llvm.maxnum.f32(float {n}, float {_c(lowest)})')} to i32")
     k1 = b(f"ashr i32 {ni}, 1")
     k2 = b(f"sub i32 {ni}, {k1}")
     p1, p2 = (b(f"bitcast i32 {b(f'shl i32 {b(k)}, 23')} to float")
               for k in (f"add i32 {k1}, 127", f"add i32 {k2}, 127"))
+    return p1, p2
+
+
+def _exp_neg_abs(b: _IR, s: str) -> str:
+    """e = exp(-|s|) in [0, 1] (NaN for NaN): (1 + r + r^2 P(r)) 2^n, n in [-150, 0] (the result is
+    NaN through r for NaN); below -104 (e^-104 < half the least subnormal) the clamp gives 0."""
+    x = _clamp_below(b, b(f"fneg float {b(f'call float @llvm.fabs.f32(float {s})')}"), -104.0)
+    n, r = _reduce_ln2(b, x)
+    er = b(f"fadd float {b.fma(b.horner(r, _EXP_P), b(f'fmul float {r}, {r}'), r)}, 1.0")
+    p1, p2 = _pow2_halves(b, n, -150.0)
     return b(f"fmul float {b(f'fmul float {er}, {p1}')}, {p2}")
+
+
+def _two_atanh(b: _IR, w: str, last: int) -> str:
+    """2 atanh(w) = 2w + 2w z (1/3 + z/5 + ... + z^k / last), z = w^2 (odd ``last``)."""
+    w2 = b(f"fadd float {w}, {w}")
+    z = b(f"fmul float {w}, {w}")
+    p = b.horner(z, tuple(1 / k for k in range(last, 1, -2)))
+    return b.fma(b(f"fmul float {w2}, {z}"), p, w2)
 
 
 def _log1p_small(b: _IR, e: str) -> str:
     """log(1 + e) for e in [0, 1]: 2 atanh(w), w = e / (2 + e) (see the module docstring)."""
     w = b(f"fdiv float {e}, {b(f'fadd float {e}, 2.0')}")
-    w2 = b(f"fadd float {w}, {w}")
-    z = b(f"fmul float {w}, {w}")
-    p = b.horner(z, (1 / 15, 1 / 13, 1 / 11, 1 / 9, 1 / 7, 1 / 5, 1 / 3))
-    return b.fma(b(f"fmul float {w2}, {z}"), p, w2)           # 2w + 2w z (1/3 + z/5 + ...)
+    return _two_atanh(b, w, 15)
 
 
 def _bernoulli_logits(b: _IR, s: str, t: str, scale: str):
@@ -161,10 +183,7 @@ def _log(b: _IR, x: str) -> str:
     carry = b(f"zext i1 {big} to i32")
     k = b(f"sitofp i32 {b(f'add i32 {k}, {carry}')} to float")
     u = b(f"fdiv float {b(f'fsub float {m}, 1.0')}, {b(f'fadd float {m}, 1.0')}")
-    u2 = b(f"fadd float {u}, {u}")
-    z = b(f"fmul float {u}, {u}")
-    p = b.horner(z, (1 / 11, 1 / 9, 1 / 7, 1 / 5, 1 / 3))
-    log_m = b.fma(b(f"fmul float {u2}, {z}"), p, u2)
+    log_m = _two_atanh(b, u, 11)
     r = b.fma(k, _c(_LN2_LO), log_m)
     r = b.fma(k, _c(_LN2_HI), r)
     inf = b(f"fcmp oeq float {x}, 0x7FF0000000000000")
@@ -220,19 +239,12 @@ def _expm1(b: _IR, x: str) -> str:
     series, then 2^n p + (2^n - 1) (2^n - 1 exact for |n| <= 24); from n = 25 up e^x itself
     ((1 + p) 2^n in two halves, inf above 88.7), as -1 is below its rounding. x is clamped below
     at -30 (e^x - 1 rounds to -1 there); NaN stays NaN."""
-    low = b(f"fcmp olt float {x}, {_c(-30.0)}")
-    x = b(f"select i1 {low}, float {_c(-30.0)}, float {x}")
+    x = _clamp_below(b, x, -30.0)
     high = b(f"fcmp ogt float {x}, {_c(100.0)}")
     x = b(f"select i1 {high}, float {_c(100.0)}, float {x}")     # inf either way, n stays <= 145
-    n = b(f"call float @llvm.rint.f32(float {b(f'fmul float {x}, {_c(_LOG2E)}')})")
-    r = b.fma(n, _c(-_LN2_HI), x)
-    r = b.fma(n, _c(-_LN2_LO), r)
+    n, r = _reduce_ln2(b, x)
     p = b.fma(b(f"fmul float {r}, {r}"), b.horner(r, _EXPM1_P), r)  # e^r - 1
-    ni = b(f"fptosi float {b(f'call float @llvm.maxnum.f32(float {n}, float {_c(-64.0)})')} to i32")
-    k1 = b(f"ashr i32 {ni}, 1")
-    k2 = b(f"sub i32 {ni}, {k1}")
-    p1, p2 = (b(f"bitcast i32 {b(f'shl i32 {b(k)}, 23')} to float")
-              for k in (f"add i32 {k1}, 127", f"add i32 {k2}, 127"))
+    p1, p2 = _pow2_halves(b, n, -64.0)
     two_n = b(f"fmul float {p1}, {p2}")                             # 2^n, exact while n <= 127
     small = b.fma(two_n, p, b(f"fsub float {two_n}, 1.0"))         # 2^n p + (2^n - 1)
     er = b(f"fadd float {p}, 1.0")                                  # e^r
@@ -480,16 +492,16 @@ def available() -> bool:
     return ENABLED and _functions() is not None
 
 
+# torch.func's check for its wrapper tensors (absent from some torch builds): looked up once
+_FUNCTORCH_WRAPPED = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+
+
 def _plain(t: Tensor) -> bool:
     """A real CPU tensor whose memory the loop may read (a Parameter too): not another tensor
     subclass (FakeTensor under tracing) nor a torch.func wrapper, no lazy negation."""
-    return ((type(t) is Tensor or type(t) is torch.nn.Parameter) and t.device.type == "cpu"
-            and t.layout == torch.strided and not t.is_neg() and not _functorch_wrapped(t))
-
-
-def _functorch_wrapped(t: Tensor) -> bool:
-    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return bool(check(t)) if check is not None else False
+    return ((type(t) is Tensor or type(t) is torch.nn.Parameter) and t.is_cpu
+            and t.layout == torch.strided and not t.is_neg()
+            and not (_FUNCTORCH_WRAPPED is not None and _FUNCTORCH_WRAPPED(t)))
 
 
 def takes(s: Tensor, t: Tensor) -> bool:

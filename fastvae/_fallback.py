@@ -155,7 +155,8 @@ _LOG_2 = math.log(2.0)
 # is what is formed per element (the log 2 is added to the float64 row sums), so a row near
 # lam = 1/2 keeps its digits. The fused loop (fastvae/_cpu_loops.py) computes the same, with these
 # coefficients, which live there.
-_CB_LOG_C, _CB_DLOG_C, _CB_SERIES_BELOW = _cpu_loops.CB_LOG_C, _cpu_loops.CB_DLOG_C, _cpu_loops.CB_SERIES_BELOW
+_CB_LOG_C, _CB_DLOG_C = _cpu_loops.CB_LOG_C, _cpu_loops.CB_DLOG_C
+_CB_SERIES_BELOW = _cpu_loops.CB_SERIES_BELOW
 
 
 _CONSTANTS: dict = {}
@@ -272,12 +273,20 @@ def _bernoulli_logits(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale
     return rows
 
 
+def _loop_grad(element: str, s: Tensor, t: Tensor, want, scale: float) -> Tensor | None:
+    """d/ds (times scale) from ``element``'s fused loop, as the forward wrote it, for the recompute
+    path outside autograd and tracing; None where it is not wanted or the loop does not serve."""
+    if not (want[0] and not torch.is_grad_enabled() and _cpu_loops.takes(s, t)):
+        return None
+    ds = torch.empty_like(s, memory_format=torch.contiguous_format)
+    _cpu_loops.run(element, s, t, ds, scale)
+    return ds
+
+
 def _bernoulli_logits_grads(s, t, sig, inv_sigma, log_norm, want, scale):
-    ds = None
-    if want[0] and not torch.is_grad_enabled() and _cpu_loops.takes(s, t):  # as the forward
-        ds = torch.empty_like(s, memory_format=torch.contiguous_format)
-        _cpu_loops.run("bernoulli_logits", s, t, ds, scale)
-    elif want[0]:  # the arithmetic of _bernoulli_logits: sigmoid(s) - t = (h - t) + q (1 - 2h)
+    ds = _loop_grad("bernoulli_logits", s, t, want, scale)  # as the forward
+    if ds is None and want[0]:
+        # the arithmetic of _bernoulli_logits: sigmoid(s) - t = (h - t) + q (1 - 2h)
         e = torch.exp(-torch.abs(s))
         q = e / (1.0 + e)
         h = (s > 0).to(s.dtype)
@@ -429,9 +438,8 @@ def _continuous_bernoulli(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, s
 
 
 def _continuous_bernoulli_grads(s, t, sig, inv_sigma, log_norm, want, scale):
-    if want[0] and not torch.is_grad_enabled() and _cpu_loops.takes(s, t):  # as the forward
-        ds = torch.empty_like(s, memory_format=torch.contiguous_format)
-        _cpu_loops.run("continuous_bernoulli", s, t, ds, scale)
+    ds = _loop_grad("continuous_bernoulli", s, t, want, scale)  # as the forward
+    if ds is not None:
         return ds, (s * -scale if want[1] else None), None
     ds, dt, _ = _bernoulli_logits_grads(s, t, None, 1.0, 0.0, want, scale)
     if ds is not None:
@@ -598,8 +606,9 @@ def _recompute_grads(recon, x, mu, logvar, sigma, args, want, g, active):
                 grads[i] = d * f
     if want[2] or want[3]:
         m, v = mu.to(dt), logvar.to(dt)
-        if not per_row and g.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            g = g.tolist()  # Python floats, as the single pass reads them: the same KL weight, bit for bit
+        if (not per_row and g.device.type == "cpu" and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            g = g.tolist()  # Python floats, as the single pass reads them: the same KL weight
         d_mu, d_logvar = _kl_grads(m, _kl_h(m, v, free_bits), _kl_weight(g, beta, active, scale, per_row))
         grads[2] = d_mu if want[2] else None
         grads[3] = d_logvar if want[3] else None

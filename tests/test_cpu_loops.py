@@ -225,6 +225,9 @@ def test_takes_only_what_it_can_read():
     assert not _cpu_loops.takes(s.reshape(2, 2, 6), t.reshape(2, 2, 6))
     assert _cpu_loops.takes(torch.nn.Parameter(s), t)                # learned codes, for example
     assert not _cpu_loops.takes(s.to("meta"), t.to("meta"))
+    seen = []                                                         # torch.func's wrappers
+    torch.func.vmap(lambda a: seen.append(_cpu_loops.takes(a, a)) or a)(torch.randn(3, 4, 6))
+    assert seen == [False]
     with pytest.raises(ValueError, match="gradient buffer"):
         _cpu_loops.run("bernoulli_logits", s, t, torch.empty(4, 6, dtype=torch.float64), 1.0)
 
