@@ -143,7 +143,9 @@ def _merge(old: dict, new: dict) -> dict:
 def save_and_render(run: dict, merge: bool = False) -> list[Path]:
     """Write results/<device>.json for each device in a pytest-benchmark run, then re-render."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    run.setdefault("machine_info", {}).update(_torch_info())
+    info = run.setdefault("machine_info", {})
+    for key, value in _torch_info().items():  # the run's own versions, where it recorded them
+        info.setdefault(key, value)
     written = []
     for device in devices_in(run):
         results = trim(run, device)

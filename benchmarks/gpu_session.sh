@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Everything fastvae checks on a lent GPU machine, in one call (the lease is short: 15 minutes of
+# device time, a minute or two of it to start the machine). Run from the repository root:
+#
+#     bash benchmarks/gpu_session.sh [SECONDS]
+#
+# with Fashion-MNIST's four IDX .gz files in .data/fashion-mnist (git-ignored; carried along).
+# Each step has its own deadline, so whatever finishes comes back even if a later step overruns;
+# SECONDS (default 540) is the whole budget. Logs and results go to $OUT (default /tmp/fastvae-gpu):
+#
+#   env.txt            GPU, driver, Python, torch, triton, llvmlite
+#   tests.log          the whole test suite with compiled kernels (pytest -n, xdist), tests.xml
+#   bench-*.json       pytest-benchmark runs of benchmarks/ (python benchmarks/report.py FILE --merge
+#                      turns them into benchmarks/results/<gpu>.json and the README table)
+#   train.log          fastvae.train, 10 epochs of Fashion-MNIST, and benchmarks/compare_train.py
+#   ncu.txt            Nsight Compute's speed-of-light and occupancy of the ELBO kernels
+#
+# The machine has no network: the project is installed with --no-deps over its own torch/triton.
+set -u
+BUDGET=${1:-540}
+OUT=${OUT:-/tmp/fastvae-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+T0=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/steps.txt"; }
+# run STEP-SECONDS RESERVE-SECONDS cmd...: at most STEP seconds, and never into the last RESERVE
+step() {
+    local want=$1 reserve=$2; shift 2
+    local t=$(( $(left) - reserve ))
+    (( t > want )) && t=$want
+    if (( t < 10 )); then stamp "skipped (no time left): $*"; return 0; fi
+    stamp "start (${t} s): $*"
+    timeout -s INT -k 15 "$t" "$@"
+    stamp "rc=$? $1"
+}
+
+stamp "environment"
+{
+    nvidia-smi
+    $PY - <<'EOF'
+import sys, torch, triton
+print("python", sys.version)
+print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
+p = torch.cuda.get_device_properties(0)
+print(torch.cuda.get_device_name(0), p.multi_processor_count, "SMs", getattr(p, "L2_cache_size", "?"), "B L2")
+EOF
+    $PY -m pip list 2>/dev/null | grep -iE "^(llvmlite|numba|pytest|pytest-xdist|pytest-timeout|pytest-benchmark|matplotlib|tqdm|mlxtend|numpy) "
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+stamp "install"
+$PY -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { tail "$OUT/install.log"; stamp "install failed"; }
+$PY -c "import fastvae, fastvae.kernels; print('fastvae', fastvae.__file__, 'triton', fastvae.triton_available())"
+
+# 1. parity: the whole suite, the Triton kernels compiled (conftest sets no TRITON_INTERPRET on a
+#    GPU machine), fp32/bf16/fp16; the gpu-marked tests run torch.compile and CUDA graphs
+# (the files that run CUDA first: what runs before a deadline is what the GPU adds over CI)
+GPU_FIRST="test_compile test_elbo test_likelihoods test_reparam test_iwae test_porting test_train test_model test_cli"
+FILES=$(for f in $GPU_FIRST; do echo tests/$f.py; done; ls tests/test_*.py | grep -vE "$(echo $GPU_FIRST | tr ' ' '|')")
+step 200 320 $PY -m pytest $FILES -q -n 12 -p no:cacheprovider --timeout 180 -rfEs \
+    --durations 25 --junitxml "$OUT/tests.xml" > "$OUT/tests.log" 2>&1
+tail -n 40 "$OUT/tests.log"
+
+# 2. the benchmark suite, in pieces so that a piece cut short loses only itself
+BENCH="-p no:cacheprovider -q --benchmark-only --benchmark-max-time 0.25 --benchmark-min-rounds 5"
+step 110 200 $PY -m pytest benchmarks/test_bench_kernels.py $BENCH -k "test_elbo and not likelihood" \
+    --benchmark-json "$OUT/bench-elbo.json" > "$OUT/bench-elbo.log" 2>&1
+step 70 130 $PY -m pytest benchmarks/test_bench_kernels.py -k test_elbo_likelihood $BENCH \
+    --benchmark-json "$OUT/bench-likelihood.json" > "$OUT/bench-likelihood.log" 2>&1
+step 55 75 $PY -m pytest benchmarks/test_bench_kernels.py -k test_reparameterize $BENCH \
+    --benchmark-json "$OUT/bench-reparam.json" > "$OUT/bench-reparam.log" 2>&1
+for f in elbo likelihood reparam; do tail -n 3 "$OUT/bench-$f.log"; done
+
+# 3. end to end: 10 epochs of Fashion-MNIST with fastvae.train (compile + CUDA graphs), then the
+#    side-by-side epoch timing against the seed-style loop
+{
+    step 40 65 $PY -m fastvae train --dataset fashion-mnist --data-dir .data/fashion-mnist --epochs 10 \
+        --device cuda --compile --no-progress --no-figures --out /tmp/run-fmnist --overwrite
+    step 45 25 $PY benchmarks/compare_train.py --dataset fashion-mnist --data-dir .data/fashion-mnist \
+        --epochs 2 --device cuda --compile --out "$OUT/train-cuda.json"
+} > "$OUT/train.log" 2>&1
+tail -n 25 "$OUT/train.log"
+
+# 4. Nsight Compute on the single-pass ELBO (B = 65536, fp32), if time is left
+cat > /tmp/ncu_elbo.py <<'EOF'
+import torch, fastvae
+g = torch.Generator(device="cuda").manual_seed(0)
+r = torch.randn(65536, 784, device="cuda", generator=g, requires_grad=True)
+x = torch.rand(65536, 784, device="cuda", generator=g)
+mu = torch.randn(65536, 20, device="cuda", generator=g, requires_grad=True)
+lv = torch.randn(65536, 20, device="cuda", generator=g, requires_grad=True)
+for _ in range(2):
+    torch.autograd.grad(fastvae.elbo_loss(r, x, mu, lv), (r, mu, lv))
+torch.cuda.synchronize()
+EOF
+step 25 0 ncu --clock-control none -k regex:elbo --section SpeedOfLight --section Occupancy \
+    --section LaunchStats -c 4 $PY /tmp/ncu_elbo.py > "$OUT/ncu.txt" 2>&1
+grep -E "^  _|DRAM Throughput|Memory Throughput|Achieved Occupancy|Duration|Registers Per" "$OUT/ncu.txt" | head -40
+stamp "done"
