@@ -10,13 +10,25 @@ BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "FASTVAE_BACKEND"
 
 
+_IMPORT_ERROR: str | None = None
+_WARNED_FALLBACK_ON_CUDA = False
+
+
 def triton_available() -> bool:
     """True when triton imports and fastvae's kernels can be built."""
+    global _IMPORT_ERROR
     try:
         from . import _triton_ops  # noqa: F401
-    except ImportError:
+    except ImportError as e:
+        _IMPORT_ERROR = f"{type(e).__name__}: {e}"
         return False
     return True
+
+
+def triton_unavailable_reason() -> str:
+    """Why the Triton kernels do not import (the ImportError), or "" when they do: a missing
+    triton package, or fastvae.kernels missing from a broken install."""
+    return "" if triton_available() else (_IMPORT_ERROR or "")
 
 
 def interpreter_enabled() -> bool:
@@ -55,14 +67,17 @@ def resolve(backend: str, *tensors: torch.Tensor) -> str:
         backend = default_backend()
     if backend == "auto":
         t = tensors[0]
-        if t.is_cuda and t.dtype != torch.float64 and triton_available():
-            return "triton"
+        if t.is_cuda and t.dtype != torch.float64:
+            if triton_available():
+                return "triton"
+            _warn_fallback_on_cuda()
         return "torch"
     if backend == "triton":
         if not triton_available():
             raise RuntimeError(
-                "backend='triton' needs the triton package, which is not importable here; "
-                "install it (Linux: pip install triton) or use backend='torch'"
+                "backend='triton' needs the triton package and fastvae's kernels, which do not "
+                f"import here ({triton_unavailable_reason()}); install triton (Linux: pip install "
+                "triton) or use backend='torch'"
             )
         if any(t.dtype == torch.float64 for t in tensors):
             raise TypeError(
@@ -90,3 +105,18 @@ def hardware_name(device: torch.device) -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "cpu"
+
+
+def _warn_fallback_on_cuda() -> None:
+    """Once per process: CUDA tensors went to the PyTorch fallback because the kernels do not
+    import (a user would otherwise believe the Triton kernels ran)."""
+    global _WARNED_FALLBACK_ON_CUDA
+    if _WARNED_FALLBACK_ON_CUDA:
+        return
+    _WARNED_FALLBACK_ON_CUDA = True
+    import warnings
+
+    warnings.warn("fastvae: CUDA tensors, but the Triton kernels do not import "
+                  f"({triton_unavailable_reason()}); the PyTorch fallback runs instead, which is "
+                  "slower. Install triton (and fastvae with pip install -e .), or pass "
+                  "backend='torch' to choose the fallback on purpose.", RuntimeWarning, stacklevel=3)

@@ -168,6 +168,10 @@ def _constants(values, like: Tensor) -> list[Tensor]:
     dtype and device. An ATen call given a Python number wraps it in a new 0-dim tensor each time
     (about 2.5 us per call on this project's 2-core EPYC, where a small op costs 1.5 to 4 us); a
     cached one is passed as it is, with the same result to the bit."""
+    if torch.compiler.is_compiling():
+        # traced, the numbers become constants of the graph; a cached tensor made inside a
+        # compiled region would be one of its outputs, which a CUDA-graph replay overwrites
+        return [torch.full((), v, dtype=like.dtype, device=like.device) for v in values]
     key = (values, like.dtype, like.device)
     c = _CONSTANTS.get(key)
     if c is None:

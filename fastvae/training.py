@@ -34,7 +34,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import optimizer as _optim
 
-from ._backend import check_backend, hardware_name, interpreter_enabled, triton_available
+from ._backend import (check_backend, hardware_name, interpreter_enabled, triton_available,
+                       triton_unavailable_reason)
 from ._step import manual_step_supported, vae_elbo_grads
 from .data import DATASETS, Dataset, load_dataset
 from .evaluate import evaluate, neg_elbo_sum
@@ -128,8 +129,9 @@ def _check_backend_device(backend: str, device: torch.device) -> None:
     if backend != "triton":
         return
     if not triton_available():
-        raise ValueError("backend 'triton' needs the triton package, which is not importable here; "
-                         "install it or use --backend auto")
+        raise ValueError("backend 'triton' needs the triton package and fastvae's kernels, which do "
+                         f"not import here ({triton_unavailable_reason()}); install triton or use "
+                         "--backend auto")
     if device.type != "cuda" and not interpreter_enabled():
         raise ValueError(f"backend 'triton' runs on CUDA GPUs, not on {device.type} (unless Triton's "
                          "interpreter is on: TRITON_INTERPRET=1); use --backend auto or torch")

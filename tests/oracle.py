@@ -1,5 +1,6 @@
 """Float64 reference for the ELBO and the reparameterisation trick, written from the formulas,
-independently of fastvae's fallback.
+independently of fastvae's fallback. It always computes on the CPU: whatever device the inputs
+(and grad_output) are on, the reference tensors it returns are CPU float64 tensors.
 
 ``terms(...)`` gives the float64 leaves and the reduced terms (loss, reconstruction, kl, kl_eff), so a
 test can differentiate any combination of them; ``elbo(...)`` is the loss and its gradients for a
@@ -18,7 +19,7 @@ CB_DISTRIBUTION_UP_TO = 15.0
 
 
 def as_float64_target(x):
-    x = x.detach()
+    x = x.detach().cpu()
     return x.double() / 255.0 if x.dtype == torch.uint8 else x.double()
 
 
@@ -53,7 +54,7 @@ def _continuous_bernoulli(s, t):
 
 
 def _leaf(t, grad=True):
-    return t.detach().double().requires_grad_(grad and t.is_floating_point())
+    return t.detach().cpu().double().requires_grad_(grad and t.is_floating_point())
 
 
 def terms(recon, x, mu, logvar, *, reduction="sum", beta=1.0, likelihood="bernoulli", sigma=None,
@@ -118,14 +119,12 @@ def elbo(recon, x, mu, logvar, *, reduction="sum", beta=1.0, from_logits=True, g
     leaves, t = terms(recon, x, mu, logvar, reduction=reduction, beta=beta, likelihood=likelihood,
                       sigma=sigma, free_bits=free_bits, from_logits=from_logits)
     loss = t["loss"]
-    g = torch.ones_like(loss) if grad_output is None else grad_output.detach().double().reshape(loss.shape)
+    g = torch.ones_like(loss) if grad_output is None else grad_output.detach().cpu().double().reshape(loss.shape)
     return loss.detach(), grads((loss * g).sum(), leaves)
 
 
 def reparameterize(mu, logvar, eps, grad_output):
-    m = mu.detach().double().requires_grad_()
-    v = logvar.detach().double().requires_grad_()
-    e = eps.detach().double().requires_grad_()
+    m, v, e = (_leaf(t) for t in (mu, logvar, eps))
     z = m + torch.exp(0.5 * v) * e
-    grads = torch.autograd.grad(z, [m, v, e], grad_output.detach().double())
+    grads = torch.autograd.grad(z, [m, v, e], grad_output.detach().cpu().double())
     return z.detach(), dict(zip(("mu", "logvar", "eps"), grads))

@@ -88,7 +88,9 @@ def test_fallback_compiles_fullgraph():
 def test_fallback_continuous_bernoulli_compiles_fullgraph_before_eager(monkeypatch):
     """The continuous Bernoulli's series keep their coefficients as 0-dim tensors, cached per
     dtype and device: traced first with an empty cache, then eager, both give the float64
-    oracle's loss and gradients (the cache holds real tensors, not the tracer's)."""
+    oracle's loss and gradients. The traced call leaves the cache empty (a tensor it cached would be
+    an output of the compiled region, which a CUDA-graph replay overwrites); the eager call fills it
+    with real tensors, not the tracer's."""
     from fastvae import _fallback
     monkeypatch.setattr(_fallback, "_CONSTANTS", {})
     recon, x, mu, logvar = _elbo_args("cpu")
@@ -107,6 +109,9 @@ def test_fallback_continuous_bernoulli_compiles_fullgraph_before_eager(monkeypat
         torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
         for g, name in zip(grads, ("recon", "mu", "logvar")):
             torch.testing.assert_close(g.double(), ref_grads[name], rtol=1e-5, atol=1e-6)
+        if fn is compiled:
+            assert not _fallback._CONSTANTS
+    assert _fallback._CONSTANTS
     assert all(type(c) is torch.Tensor for cs in _fallback._CONSTANTS.values() for c in cs)
 
 

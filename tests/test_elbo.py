@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -310,6 +312,30 @@ def test_backend_selection(monkeypatch):
     if fastvae.triton_available():
         with pytest.raises(TypeError, match="float64"):
             fastvae.elbo_loss(r.double(), x.double(), m.double(), v.double(), backend="triton")
+
+
+def test_kernels_that_do_not_import_are_named_and_never_silent(monkeypatch):
+    """Kernels that do not import (no triton, or an install without fastvae.kernels, as a failed
+    editable install on a GPU machine left it): backend="triton" is an error that quotes the
+    ImportError, and "auto" with CUDA tensors warns, once, that the fallback runs instead."""
+    import sys
+    import types
+    from fastvae import _backend
+
+    monkeypatch.setitem(sys.modules, "fastvae._triton_ops", None)
+    monkeypatch.delattr(fastvae, "_triton_ops", raising=False)
+    assert not _backend.triton_available()
+    assert "fastvae._triton_ops" in _backend.triton_unavailable_reason()
+    with pytest.raises(RuntimeError, match=r"do not import here \(ModuleNotFoundError: .*fastvae\._triton_ops"):
+        _backend.resolve("triton", torch.rand(2, 4))
+    monkeypatch.setattr(_backend, "_WARNED_FALLBACK_ON_CUDA", False)
+    cuda_like = types.SimpleNamespace(is_cuda=True, dtype=torch.float32)  # all that "auto" reads
+    with pytest.warns(RuntimeWarning, match=r"CUDA tensors, but the Triton kernels do not import"):
+        assert _backend.resolve("auto", cuda_like) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.resolve("auto", cuda_like) == "torch"  # once per process
+        assert _backend.resolve("auto", torch.rand(2, 4)) == "torch"  # CPU: the fallback is the plan
 
 
 @pytest.mark.skipif(not fastvae.triton_available(), reason="needs triton")
