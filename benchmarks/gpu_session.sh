@@ -7,7 +7,8 @@
 # with Fashion-MNIST's four IDX .gz files in .data/fashion-mnist (git-ignored; carried along).
 # Each step has its own deadline, so whatever finishes comes back even if a later step overruns;
 # SECONDS (default 540) is the whole budget; TESTS_S, BENCH_S cap the test and benchmark steps,
-# BENCH_K selects benchmarks (pytest -k), TRAIN_S=0 skips the 10-epoch run. Logs and results go
+# BENCH_K selects benchmarks (pytest -k), BENCH_RESERVE (default 50) is what the benchmark step
+# leaves to the training steps, TRAIN_S=0 skips the 10-epoch run. Logs and results go
 # to $OUT (default /tmp/fastvae-gpu):
 #
 #   env.txt            GPU, driver, Python, torch, triton, llvmlite
@@ -74,7 +75,7 @@ tail -n 40 "$OUT/tests.log"
 
 # 2. the benchmark suite (BENCH_K: a pytest -k expression to run part of it, e.g. "fastvae");
 #    pytest-benchmark writes its JSON also when the deadline interrupts it
-step ${BENCH_S:-200} 50 $PY -m pytest benchmarks/test_bench_kernels.py -p no:cacheprovider -q --benchmark-only \
+step ${BENCH_S:-200} ${BENCH_RESERVE:-50} $PY -m pytest benchmarks/test_bench_kernels.py -p no:cacheprovider -q --benchmark-only \
     --benchmark-max-time 0.25 --benchmark-min-rounds 5 ${BENCH_K:+-k "$BENCH_K"} \
     --benchmark-json "$OUT/bench-kernels.json" > "$OUT/bench-kernels.log" 2>&1
 tail -n 3 "$OUT/bench-kernels.log"
