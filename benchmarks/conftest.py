@@ -346,15 +346,16 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 def pytest_benchmark_update_commit_info(config, commit_info):
     """``dirty``: a tracked file other than the suite's own outputs differs from the commit.
-    Where there is no git checkout (the copy of the working tree a GPU machine gets),
-    ``FASTVAE_COMMIT`` names the commit that was copied."""
+    ``FASTVAE_COMMIT``, where set, names the commit instead: the copy of the working tree that a
+    GPU machine gets has no git metadata of its own (or an older commit's)."""
+    if os.environ.get("FASTVAE_COMMIT"):
+        commit_info.clear()
+        commit_info.update(id=os.environ["FASTVAE_COMMIT"], dirty=False, branch=None, time=None)
+        return
     try:
         out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                              text=True, check=True, cwd=Path(__file__).resolve().parent.parent).stdout
     except (OSError, subprocess.CalledProcessError):
-        if os.environ.get("FASTVAE_COMMIT"):
-            commit_info.clear()
-            commit_info.update(id=os.environ["FASTVAE_COMMIT"], dirty=False, branch=None, time=None)
         return
     commit_info["dirty"] = any(not line[3:].startswith(SUITE_OUTPUTS) for line in out.splitlines())
 

@@ -5,11 +5,11 @@
     python -m benchmarks.sm90_report --markdown           # also rewrite the table in benchmarks/README.md
 
 It runs fastvae's public API (``fastvae.elbo_loss``, ``fastvae.reparameterize`` and their
-backward) on CPU tensors with ``fastvae._triton_ops.wrap_triton`` replaced by a recorder, so every
-kernel launch of every variant is captured (kernel, grid, arguments) and nothing runs. Each
-captured launch is then compiled for sm_90 through the JITFunction's own path
-(``kernel.run(..., warmup=True)``) with a fake active Triton driver whose target is
-``GPUTarget("cuda", 90, 32)``: the specialisation (16-byte divisibility of pointers and integers,
+backward) on CPU tensors with ``fastvae._triton_ops.wrap_triton`` and the eager launcher
+``_direct`` replaced by a recorder, so every kernel launch of every variant is captured (kernel,
+grid, arguments) and nothing runs. Each captured launch is then compiled for sm_90 through the
+JITFunction's own path (``kernel.run(..., warmup=True)``) with a fake active Triton driver whose
+target is ``GPUTarget("cuda", 90, 32)``: the specialisation (16-byte divisibility of pointers and integers,
 integers equal to 1) is the one a GPU launch with these shapes gets. Identical compiled kernels
 (same hash) are reported once.
 
@@ -195,8 +195,8 @@ def capture_launches():
                 launches.append(Launch(self.kernel, grid, args, kwargs, current["call"], current["roles"]))
             return record
 
-    saved = (_triton_ops.wrap_triton, _backend.interpreter_enabled)
-    _triton_ops.wrap_triton = Recorder
+    saved = (_triton_ops.wrap_triton, _triton_ops._direct, _backend.interpreter_enabled)
+    _triton_ops.wrap_triton = _triton_ops._direct = Recorder  # the ops' launcher and the eager one
     _backend.interpreter_enabled = lambda: True  # let backend="triton" take CPU tensors
     gen = torch.Generator().manual_seed(0)
     try:
@@ -316,7 +316,7 @@ def capture_launches():
                 d = torch.ops.fastvae.decoder_dlogits(h[:4096], w, bias, x, g, 1024, likelihood, 1.0)
                 current["keep"] = current.get("keep", []) + [h, w, bias, x, out, g, d]
     finally:
-        _triton_ops.wrap_triton, _backend.interpreter_enabled = saved
+        _triton_ops.wrap_triton, _triton_ops._direct, _backend.interpreter_enabled = saved
     # the recorded launches keep their arguments alive, so no address was reused within a call
     return launches, current.get("keep")
 

@@ -201,7 +201,9 @@ def elbo_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, reduction
         # single pass: the gradients are written with the loss whenever autograd will ask for them
         grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (recon, x, mu, logvar, sig))
-        out = torch.ops.fastvae.elbo(r2, x2, mu, logvar, *args, grad, grad and x.requires_grad,
+        from . import _triton_ops
+
+        out = _triton_ops.elbo_apply(r2, x2, mu, logvar, *args, grad, grad and x.requires_grad,
                                      grad and sig is not None and sig.requires_grad)[0]
     else:
         out = _fallback.elbo(r2, x2, mu, logvar, *args)  # a tuple of the four
@@ -279,5 +281,7 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, num_samples: Optional[int] = N
     m2, v2 = mu.reshape(-1, width), logvar.reshape(-1, width)
     e2 = None if eps is None else eps.reshape(-1, width)
     seed = _draw_seed(mu.device, generator) if eps is None else None
-    z = torch.ops.fastvae.reparameterize(m2, v2, e2, seed, 0 if num_samples is None else num_samples)
+    from . import _triton_ops
+
+    z = _triton_ops.reparameterize_apply(m2, v2, e2, seed, 0 if num_samples is None else num_samples)
     return z.view(shape)

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv, next_power_of_2
+
 # flat tiling: BLOCK elements per step, ITERS steps per program; with 8 warps a thread holds 8
 # elements per stream and step (fp32: two 128-bit loads, bf16: one), at 48 registers (fp32, sm_90);
 # partial sums are added by one program in blocks of SUM_BLOCK
@@ -305,9 +307,9 @@ def _scale_grads_kernel(
 def _row_blocks(N: int, L: int):
     # from the feature sizes only, so a changing batch size (symbolic under torch.compile)
     # reuses one kernel configuration
-    block_n = min(_MAX_BLOCK_N, triton.next_power_of_2(max(N, 1)))
+    block_n = min(_MAX_BLOCK_N, next_power_of_2(max(N, 1)))
     block_m = max(1, min(64, _ROW_TILE // block_n))  # capped: tiny N must not make huge tiles
-    block_l = min(_MAX_BLOCK_L, triton.next_power_of_2(max(L, 1)))
+    block_l = min(_MAX_BLOCK_L, next_power_of_2(max(L, 1)))
     return block_m, block_n, block_l
 
 
@@ -370,8 +372,8 @@ def elbo_forward(kernel_launch, recon, x, mu, logvar, sigma, inv_sigma: float, l
         block = _FLAT_BLOCK // 2 if flags["LIKELIHOOD"] in (BERNOULLI_PROBS, CONT_BERNOULLI) else _FLAT_BLOCK
         iters = _FLAT_BLOCK * _FLAT_ITERS // block
         per = block * iters
-        pix_programs = triton.cdiv(B * N, per)
-        programs = pix_programs + triton.cdiv(B * L, per)
+        pix_programs = cdiv(B * N, per)
+        programs = pix_programs + cdiv(B * L, per)
         partial = torch.empty((3, programs), device=dev, dtype=torch.float32)
         kernel_launch(_elbo_flat_kernel)[(programs,)](
             recon, x, mu, logvar, partial, *ptrs, B * N, B * L, pix_programs, programs,
@@ -380,7 +382,7 @@ def elbo_forward(kernel_launch, recon, x, mu, logvar, sigma, inv_sigma: float, l
         )
     else:
         block_m, block_n, block_l = _row_blocks(N, L)
-        programs = triton.cdiv(B, block_m)
+        programs = cdiv(B, block_m)
         partial = torch.empty((4, B) if reduction == "none" else (3, programs), device=dev,
                               dtype=torch.float32)
         kernel_launch(_elbo_rows_kernel)[(programs,)](
@@ -411,10 +413,10 @@ def scale_grads_(kernel_launch, grad, beta: float, drecon, dx, dsigma, dmu, dlog
     B, N = drecon.shape
     L = dmu.shape[1]
     stride_gb = 0 if grad.dim() == 1 else grad.stride(1)
-    pix_programs = triton.cdiv(B * N, _FLAT_BLOCK)
-    block_l = min(_MAX_BLOCK_L, triton.next_power_of_2(max(L, 1)))
+    pix_programs = cdiv(B * N, _FLAT_BLOCK)
+    block_l = min(_MAX_BLOCK_L, next_power_of_2(max(L, 1)))
     lat_rows = _LAT_TILE // block_l
-    programs = pix_programs + triton.cdiv(B, lat_rows)
+    programs = pix_programs + cdiv(B, lat_rows)
     has_b, has_c = dx.numel() > 0, dsigma.numel() > 0
     kernel_launch(_scale_grads_kernel)[(programs,)](
         grad, grad.stride(0), stride_gb, act if act.numel() else dmu,

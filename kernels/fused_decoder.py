@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv
+
 from .likelihoods import BERNOULLI_LOGITS, CONT_BERNOULLI, decoder_nll, likelihood_code, likelihood_params
 
 _BLOCK_M = 64
@@ -160,7 +162,7 @@ def decoder_log_px(kernel_launch, h, weight, bias, x, group: int, likelihood: st
     else:
         xw, xb = x, x  # unused pointers
     out = torch.empty(M, device=h.device, dtype=torch.float32)
-    kernel_launch(_decoder_log_px_kernel)[(triton.cdiv(M, _BLOCK_M),)](
+    kernel_launch(_decoder_log_px_kernel)[(cdiv(M, _BLOCK_M),)](
         h, weight, bias if bias is not None else weight, x, xw, xb, out,
         M, D, H, group, n_img, inv_sigma, log_norm,
         h.stride(0), weight.stride(0), x.stride(0), xw.stride(0),
@@ -178,7 +180,7 @@ def decoder_dlogits(kernel_launch, h, weight, bias, x, g, group: int, likelihood
     h, weight, x = _unit_stride(h), _unit_stride(weight.to(h.dtype)), _unit_stride(x)
     code, inv_sigma, log_norm = _likelihood_args(likelihood, sigma)
     d = torch.empty(M, D, device=h.device, dtype=torch.float32)
-    kernel_launch(_decoder_dlogits_kernel)[(triton.cdiv(M, _BLOCK_M), triton.cdiv(D, _BLOCK_N))](
+    kernel_launch(_decoder_dlogits_kernel)[(cdiv(M, _BLOCK_M), cdiv(D, _BLOCK_N))](
         h, weight, bias if bias is not None else weight, x, g.contiguous(), d,
         M, D, H, group, x.shape[0], inv_sigma, log_norm,
         h.stride(0), weight.stride(0), x.stride(0),

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv
+
 _BLOCK = 1024
 _WARPS = 4
 
@@ -119,7 +121,7 @@ def reparam_forward(kernel_launch, mu, logvar, eps, seed, out_dtype, num_samples
     n = K * n_in
     z = torch.empty((K * M, L), device=mu.device, dtype=out_dtype)
     contig = all(t is None or t.is_contiguous() for t in (mu, logvar, eps))
-    kernel_launch(_reparam_fwd_kernel)[(triton.cdiv(n, _BLOCK),)](
+    kernel_launch(_reparam_fwd_kernel)[(cdiv(n, _BLOCK),)](
         mu, logvar, eps if eps is not None else mu, seed if seed is not None else mu, z, n, n_in, L,
         *_strides(mu, logvar, eps),
         CONTIG=contig, HAS_EPS=eps is not None, RNG64=n >= 2**31, SAMPLES=K > 1, BLOCK=_BLOCK,
@@ -140,7 +142,7 @@ def reparam_backward(kernel_launch, grad, logvar, eps, seed, eps_grad: bool, num
     deps = torch.empty((K * M, L) if eps_grad else (0,), device=logvar.device,
                        dtype=eps.dtype if eps is not None else logvar.dtype)
     contig = all(t is None or t.is_contiguous() for t in (grad, logvar, eps))
-    kernel_launch(_reparam_bwd_kernel)[(triton.cdiv(n_in, _BLOCK),)](
+    kernel_launch(_reparam_bwd_kernel)[(cdiv(n_in, _BLOCK),)](
         grad, logvar, eps if eps is not None else logvar, seed if seed is not None else logvar,
         dmu if num_samples else dlogvar, dlogvar,  # valid pointers, never written without the flags
         deps if eps_grad else dlogvar,

@@ -124,33 +124,44 @@ def _tiny_vae(device):
     return enc, dec
 
 
-def _vae_loss(enc, dec, x, eps=None):
+def _vae_loss(enc, dec, x, eps=None, backend="auto"):
     mu, logvar = enc(x).chunk(2, dim=1)
-    z = fastvae.reparameterize(mu, logvar, eps=eps)
-    return fastvae.FusedELBO()(dec(z), x, mu, logvar), z, mu, logvar
+    z = fastvae.reparameterize(mu, logvar, eps=eps, backend=backend)
+    return fastvae.FusedELBO(backend=backend)(dec(z), x, mu, logvar), z, mu, logvar
 
 
-@pytest.mark.gpu
-def test_compile_fullgraph_training_step_gpu():
-    enc, dec = _tiny_vae("cuda")
-    x = torch.rand(16, 30, device="cuda")
-    eps = torch.randn(16, 4, device="cuda")
+# torch.compile(fullgraph=True) of a loss: dynamo traces the forward, and AOTAutograd compiles the
+# backward that torch.autograd.grad then runs (dynamo does not trace torch.autograd.grad itself:
+# "trace_autograd_ops=False", so a compiled function that calls it cannot be fullgraph). Each GPU
+# test below runs a helper on CUDA with the Triton kernels; its CPU twin runs the same helper on
+# the fallback with the aot_eager backend, which keeps the helper itself tested without a GPU.
 
-    def step(x, eps):
-        loss = _vae_loss(enc, dec, x, eps)[0]
-        grads = torch.autograd.grad(loss, list(enc.parameters()) + list(dec.parameters()))
-        return loss, grads
+def _check_compiled_training_step(device, backend, compile_backend):
+    enc, dec = _tiny_vae(device)
+    params = list(enc.parameters()) + list(dec.parameters())
+    x = torch.rand(16, 30, device=device)
+    eps = torch.randn(16, 4, device=device)
 
-    compiled = torch.compile(step, fullgraph=True)
-    loss_e, grads_e = step(x, eps)
-    loss_c, grads_c = compiled(x, eps)
+    def loss_fn(x, eps):
+        return _vae_loss(enc, dec, x, eps, backend)[0]
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=compile_backend)
+    loss_e = loss_fn(x, eps)
+    grads_e = torch.autograd.grad(loss_e, params)
+    loss_c = compiled(x, eps)
+    grads_c = torch.autograd.grad(loss_c, params)
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-4)
     for a, b in zip(grads_c, grads_e):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
-    drawn = torch.compile(lambda x: _vae_loss(enc, dec, x)[1], fullgraph=True)
-    z1, z2 = drawn(x), drawn(x)
-    assert not torch.equal(z1, z2)  # fresh noise on each call of the compiled graph
+
+@pytest.mark.gpu
+def test_compile_fullgraph_training_step_gpu():
+    _check_compiled_training_step("cuda", "auto", "inductor")
+
+
+def test_compile_fullgraph_training_step_helper_on_cpu():
+    _check_compiled_training_step("cpu", "torch", "aot_eager")
 
 
 @pytest.mark.gpu
@@ -191,32 +202,61 @@ def _cuda_elbo_inputs(B, N=784, L=20):
     return recon, x, mu, logvar, g
 
 
+def _elbo_step(reduction, backend="auto"):
+    def loss_fn(recon, x, mu, logvar):
+        return fastvae.elbo_loss(recon, x, mu, logvar, reduction=reduction, beta=0.5, backend=backend)
+    return loss_fn
+
+
+def _check_elbo_any_grad_output(out, recon, x, mu, logvar, reduction, go):
+    ref_loss, ref = oracle.elbo(recon, x, mu, logvar, reduction=reduction, beta=0.5, grad_output=go)
+    torch.testing.assert_close(out[0].double().cpu(), ref_loss, rtol=1e-5, atol=1e-4)
+    for got, name in zip(out[1:], ("recon", "mu", "logvar")):
+        torch.testing.assert_close(got.double().cpu(), ref[name], rtol=1e-5, atol=1e-6)
+
+
+def _check_compiled_elbo_any_grad_output(recon, x, mu, logvar, reduction, backend, compile_backend):
+    """The compiled loss (fullgraph) and its compiled backward, with grad_output 1, -0.25 and one
+    value per row, against the oracle; eager alongside."""
+    loss_fn = _elbo_step(reduction, backend)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=compile_backend)
+    shape = (recon.shape[0],) if reduction == "none" else ()
+    for value in (1.0, -0.25, "rows"):
+        go = (torch.randn(shape, device=recon.device) if value == "rows"
+              else torch.full(shape, value, device=recon.device))
+        for fn in (compiled, loss_fn):
+            loss = fn(recon, x, mu, logvar)
+            out = (loss, *torch.autograd.grad(loss, (recon, mu, logvar), go))
+            _check_elbo_any_grad_output(out, recon, x, mu, logvar, reduction, go)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "batchmean", "none"])
+def test_compiled_elbo_any_grad_output_helper_on_cpu(reduction):
+    g = torch.Generator().manual_seed(0)
+    recon = torch.randn(37, 50, generator=g).requires_grad_()
+    x = torch.rand(37, 50, generator=g)
+    mu, logvar = (torch.randn(37, 6, generator=g).requires_grad_() for _ in range(2))
+    _check_compiled_elbo_any_grad_output(recon, x, mu, logvar, reduction, "torch", "aot_eager")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("reduction", ["sum", "batchmean", "none"])
 def test_single_pass_under_compile_and_cuda_graphs_any_grad_output_gpu(reduction):
     """The forward writes the gradients; the backward scales them by any grad_output, also per row,
-    compiled (fullgraph) and replayed from a CUDA graph with new grad_output values each time."""
+    compiled (fullgraph forward, AOTAutograd backward) and replayed from a CUDA graph with new
+    grad_output values each time."""
     B = 257
     recon, x, mu, logvar, _ = _cuda_elbo_inputs(B)
+    _check_compiled_elbo_any_grad_output(recon, x, mu, logvar, reduction, "auto", "inductor")
+
+    loss_fn = _elbo_step(reduction)
     go = torch.empty(B if reduction == "none" else (), device="cuda")
 
     def step(recon, x, mu, logvar, go):
-        loss = fastvae.elbo_loss(recon, x, mu, logvar, reduction=reduction, beta=0.5)
+        loss = loss_fn(recon, x, mu, logvar)
         return (loss, *torch.autograd.grad(loss, (recon, mu, logvar), go))
 
-    def check(out, go_value):
-        ref_loss, ref = oracle.elbo(recon, x, mu, logvar, reduction=reduction, beta=0.5,
-                                    grad_output=go_value)
-        torch.testing.assert_close(out[0].double().cpu(), ref_loss, rtol=1e-5, atol=1e-4)
-        for got, name in zip(out[1:], ("recon", "mu", "logvar")):
-            torch.testing.assert_close(got.double().cpu(), ref[name].cpu(), rtol=1e-5, atol=1e-6)
-
-    compiled = torch.compile(step, fullgraph=True)
-    for value in (1.0, -0.25, "rows"):
-        go.copy_(torch.randn(go.shape, device="cuda") if value == "rows" else torch.full(go.shape, value))
-        check(compiled(recon, x, mu, logvar, go), go.clone())
-        check(step(recon, x, mu, logvar, go), go.clone())
-
+    go.fill_(1.0)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -230,7 +270,7 @@ def test_single_pass_under_compile_and_cuda_graphs_any_grad_output_gpu(reduction
         go.copy_(torch.randn(go.shape, device="cuda") if value == "rows" else torch.full(go.shape, value))
         graph.replay()
         torch.cuda.synchronize()
-        check(out, go.clone())
+        _check_elbo_any_grad_output(out, recon, x, mu, logvar, reduction, go.clone())
 
 
 @pytest.mark.gpu
@@ -243,22 +283,8 @@ def test_components_sigma_beta_tensor_under_compile_and_cuda_graphs_gpu(likeliho
     sigma = (torch.rand(784, device="cuda", generator=g) + 0.5).requires_grad_(likelihood == "gaussian")
     beta = torch.tensor(0.3, device="cuda", requires_grad=True)
 
-    def step(recon, x, mu, logvar, sigma, beta, backend="auto"):
-        c = fastvae.elbo_loss(recon, x, mu, logvar, reduction="batchmean", beta=beta, free_bits=0.8,
-                              likelihood=likelihood, sigma=sigma if likelihood == "gaussian" else None,
-                              return_components=True, backend=backend)
-        total = c.loss + 0.5 * c.reconstruction - 0.25 * c.kl
-        leaves = [recon, mu, logvar, beta] + ([sigma] if sigma.requires_grad else [])
-        return (c.loss, c.reconstruction, c.kl, *torch.autograd.grad(total, leaves))
-
-    def check(out):
-        args = [t.detach().double().requires_grad_(t.requires_grad) for t in (recon, x, mu, logvar, sigma, beta)]
-        ref = step(*args, backend="torch")
-        for got, want in zip(out, ref):
-            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * max(want.abs().max().item(), 1.0))
-
-    compiled = torch.compile(step, fullgraph=True)
-    check(compiled(recon, x, mu, logvar, sigma, beta))
+    _check_compiled_components(recon, x, mu, logvar, sigma, beta, likelihood, "auto", "inductor")
+    step = _components_step(likelihood, "auto", None)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -273,4 +299,49 @@ def test_components_sigma_beta_tensor_under_compile_and_cuda_graphs_gpu(likeliho
             beta.fill_(b)
         graph.replay()
         torch.cuda.synchronize()
-        check(out)
+        _check_components(out, recon, x, mu, logvar, sigma, beta, likelihood)
+
+
+def _components_step(likelihood, backend, compile_backend):
+    """step(recon, x, mu, logvar, sigma, beta) -> (loss, reconstruction, kl, *grads of
+    loss + reconstruction / 2 - kl / 4): the loss is compiled (fullgraph) when compile_backend is
+    given; the gradients come from its (compiled) backward."""
+    def components(recon, x, mu, logvar, sigma, beta):
+        c = fastvae.elbo_loss(recon, x, mu, logvar, reduction="batchmean", beta=beta, free_bits=0.8,
+                              likelihood=likelihood, sigma=sigma if likelihood == "gaussian" else None,
+                              return_components=True, backend=backend)
+        return c.loss, c.reconstruction, c.kl, c.loss + 0.5 * c.reconstruction - 0.25 * c.kl
+
+    fn = components if compile_backend is None else torch.compile(components, fullgraph=True,
+                                                                   backend=compile_backend)
+
+    def step(recon, x, mu, logvar, sigma, beta):
+        *values, total = fn(recon, x, mu, logvar, sigma, beta)
+        leaves = [recon, mu, logvar, beta] + ([sigma] if sigma.requires_grad else [])
+        return (*values, *torch.autograd.grad(total, leaves))
+    return step
+
+
+def _check_components(out, recon, x, mu, logvar, sigma, beta, likelihood):
+    """Against the PyTorch fallback in float64 on the same tensors (the exact path)."""
+    args = [t.detach().double().requires_grad_(t.requires_grad) for t in (recon, x, mu, logvar, sigma, beta)]
+    ref = _components_step(likelihood, "torch", None)(*args)
+    assert len(out) == len(ref)
+    for got, want in zip(out, ref):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * max(want.abs().max().item(), 1.0))
+
+
+def _check_compiled_components(recon, x, mu, logvar, sigma, beta, likelihood, backend, compile_backend):
+    _check_components(_components_step(likelihood, backend, compile_backend)(recon, x, mu, logvar, sigma, beta),
+                      recon, x, mu, logvar, sigma, beta, likelihood)
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "continuous_bernoulli"])
+def test_compiled_components_helper_on_cpu(likelihood):
+    g = torch.Generator().manual_seed(0)
+    recon = torch.randn(40, 60, generator=g).requires_grad_()
+    x = torch.rand(40, 60, generator=g)
+    mu, logvar = (torch.randn(40, 5, generator=g).requires_grad_() for _ in range(2))
+    sigma = (torch.rand(60, generator=g) + 0.5).requires_grad_(likelihood == "gaussian")
+    beta = torch.tensor(0.3, requires_grad=True)
+    _check_compiled_components(recon, x, mu, logvar, sigma, beta, likelihood, "torch", "aot_eager")

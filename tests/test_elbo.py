@@ -482,6 +482,34 @@ def test_triton_no_gradient_work_without_grad(monkeypatch):
                     (True, False, [40, 0, 0, 12, 12]), (True, True, [40, 40, 0, 12, 12])]
 
 
+def test_eager_calls_skip_the_op_dispatch_and_tracers_record_the_ops(backend_device):
+    """The Triton path: an eager call is an autograd.Function that launches the kernels itself
+    (the operator dispatch cost more host time than the kernels); under a tracer (make_fx here,
+    torch.compile in test_compile) the registered ops fastvae::elbo / fastvae::reparameterize run,
+    so the graph holds them, with the same values."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    backend, device = backend_device
+    if backend != "triton":
+        pytest.skip("the Triton path")
+    r, x, m, v = make_inputs((4, 10), (4, 10), 3, from_logits=True, device=device, seed=27)
+    leaves = [t.detach().clone().requires_grad_() for t in (r, m, v)]
+    loss = fastvae.elbo_loss(leaves[0], x, leaves[1], leaves[2], backend="triton")
+    assert loss.grad_fn.next_functions[0][0].name() == "_ELBOBackward"
+    z = fastvae.reparameterize(leaves[1], leaves[2], backend="triton")
+    assert type(z.grad_fn.next_functions[0][0]).__name__ == "_ReparameterizeBackward"
+
+    def f(r, x, m, v):
+        eps = torch.ones_like(m)
+        return fastvae.elbo_loss(r, x, m, v, backend="triton"), fastvae.reparameterize(m, v, eps=eps, backend="triton")
+
+    graph = make_fx(f)(r, x, m, v)
+    targets = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
+    assert {"fastvae.elbo.default", "fastvae.reparameterize.default"} <= targets, targets
+    for a, b in zip(graph(r, x, m, v), f(r, x, m, v)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not fastvae.triton_available(), reason="needs triton")
 def test_triton_second_backward_is_a_clear_error():
     if not (torch.cuda.is_available() or fastvae._backend.interpreter_enabled()):
