@@ -277,6 +277,10 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, num_samples: Optional[int] = N
             eps = torch.randn(shape, device=mu.device, dtype=torch.promote_types(mu.dtype, logvar.dtype),
                               generator=generator)
         return _fallback.reparameterize(mu, logvar, eps)
+    if torch._C._functorch.maybe_current_level() is not None:
+        raise RuntimeError("fastvae.reparameterize's Triton kernels do not support torch.func "
+                           "transforms (grad, vmap, jacrev, ...): use backend='torch' inside them, "
+                           "or call it outside them")
     width = mu.shape[-1] if mu.dim() else 1
     m2, v2 = mu.reshape(-1, width), logvar.reshape(-1, width)
     e2 = None if eps is None else eps.reshape(-1, width)

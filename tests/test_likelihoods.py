@@ -483,6 +483,17 @@ def test_torch_func_is_refused_by_name(backend_device):
     r, x, m, v = _small(device)
     with pytest.raises(RuntimeError, match="torch.func"):
         torch.func.grad(lambda rr: fastvae.elbo_loss(rr, x, m, v, backend=backend))(r)
+    # reparameterize: the fallback's plain tensor ops run under torch.func (d sum(z) / d mu is
+    # all ones); the Triton kernels are refused by name
+    eps = torch.ones_like(m)
+
+    def z_sum(mm):
+        return fastvae.reparameterize(mm, v, eps=eps, backend=backend).sum()
+    if backend == "torch":
+        torch.testing.assert_close(torch.func.grad(z_sum)(m), torch.ones_like(m))
+    else:
+        with pytest.raises(RuntimeError, match="reparameterize's Triton kernels do not support torch.func"):
+            torch.func.grad(z_sum)(m)
 
 
 # ---- double backward -----------------------------------------------------------------------------
