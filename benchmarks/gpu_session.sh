@@ -5,6 +5,12 @@
 #     bash benchmarks/gpu_session.sh [SECONDS]
 #
 # with Fashion-MNIST's four IDX .gz files in .data/fashion-mnist (git-ignored; carried along).
+# Through the device tool (at most 8 files come back from $OUT, so pack them; the copy of the
+# working tree there has no git metadata of its own, so name the commit):
+#
+#     R=$OUT; FASTVAE_COMMIT=<sha> OUT=/tmp/fv bash benchmarks/gpu_session.sh 540; tar -C /tmp -czf $R/gpu.tgz fv
+#
+# (carry: [".data"]; timeout_s 600). Both runs of 2026-11-26 are described in benchmarks/README.md.
 # Each step has its own deadline, so whatever finishes comes back even if a later step overruns;
 # SECONDS (default 540) is the whole budget; TESTS_S, BENCH_S cap the test and benchmark steps,
 # BENCH_K selects benchmarks (pytest -k), BENCH_RESERVE (default 50) is what the benchmark step
