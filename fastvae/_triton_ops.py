@@ -23,6 +23,7 @@ mode), the registered ops run instead, so that the tracer records them.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -57,6 +58,15 @@ def _eager(t: Tensor) -> bool:
 def _direct(kernel):
     """The eager launcher: the kernel itself (``wrap_triton`` lets tracers record a launch)."""
     return kernel
+
+
+def _on_device(t: Tensor):
+    """t's CUDA device made current for the launches of an eager call (Triton launches on the
+    current device, whatever the tensors' device); nothing to do on CPU or when it already is.
+    The backward needs none: autograd runs a CUDA node's backward with its device current."""
+    if t.is_cuda and t.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 @triton_op("fastvae::elbo", mutates_args={})
@@ -154,7 +164,8 @@ class _ELBO(torch.autograd.Function):
 def elbo_apply(recon: Tensor, *args) -> tuple[Tensor, ...]:
     """``torch.ops.fastvae.elbo(recon, *args)``, launched directly when nothing traces."""
     if _eager(recon):
-        return _ELBO.apply(recon, *args)
+        with _on_device(recon):
+            return _ELBO.apply(recon, *args)
     return torch.ops.fastvae.elbo(recon, *args)
 
 
@@ -217,7 +228,8 @@ def reparameterize_apply(mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed
                          num_samples: int) -> Tensor:
     """``torch.ops.fastvae.reparameterize(...)``, launched directly when nothing traces."""
     if _eager(mu):
-        return _Reparameterize.apply(mu, logvar, eps, seed, num_samples)
+        with _on_device(mu):
+            return _Reparameterize.apply(mu, logvar, eps, seed, num_samples)
     return torch.ops.fastvae.reparameterize(mu, logvar, eps, seed, num_samples)
 
 

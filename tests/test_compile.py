@@ -345,3 +345,29 @@ def test_compiled_components_helper_on_cpu(likelihood):
     sigma = (torch.rand(60, generator=g) + 0.5).requires_grad_(likelihood == "gaussian")
     beta = torch.tensor(0.3, requires_grad=True)
     _check_compiled_components(recon, x, mu, logvar, sigma, beta, likelihood, "torch", "aot_eager")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensors_on_a_non_current_device_gpu():
+    """Tensors on cuda:1 while cuda:0 is current: Triton launches on the current device, so the
+    eager path makes the tensors' device current for its launches (loss, gradients and z against
+    the float64 oracle)."""
+    torch.cuda.set_device(0)
+    g = torch.Generator(device="cuda:1").manual_seed(0)
+    recon = torch.randn(64, 784, device="cuda:1", generator=g, requires_grad=True)
+    x = torch.rand(64, 784, device="cuda:1", generator=g)
+    mu = torch.randn(64, 20, device="cuda:1", generator=g, requires_grad=True)
+    logvar = torch.randn(64, 20, device="cuda:1", generator=g, requires_grad=True)
+    loss = fastvae.elbo_loss(recon, x, mu, logvar)
+    grads = torch.autograd.grad(loss, (recon, mu, logvar))
+    ref_loss, ref = oracle.elbo(recon, x, mu, logvar)
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=1e-5, atol=1e-4)
+    for got, name in zip(grads, ("recon", "mu", "logvar")):
+        assert got.device == recon.device
+        torch.testing.assert_close(got.double().cpu(), ref[name], rtol=1e-5, atol=1e-6)
+    eps = torch.randn(64, 20, device="cuda:1", generator=g)
+    z = fastvae.reparameterize(mu, logvar, eps=eps)
+    ref_z, _ = oracle.reparameterize(mu, logvar, eps, torch.ones_like(mu))
+    torch.testing.assert_close(z.double().cpu(), ref_z, rtol=1e-6, atol=1e-6)
+    assert torch.cuda.current_device() == 0
