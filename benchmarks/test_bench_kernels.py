@@ -291,3 +291,20 @@ def test_reparameterize(bench, device, dtype, mode, batch, provider):
                 want = 0.5 * grad_z * (z.detach() - mu.detach())
                 torch.testing.assert_close(dlogvar, want, rtol=1e-4, atol=1e-5)
         del z
+
+
+def test_host_overhead_script_times_both_paths():
+    """benchmarks/host_overhead.py end to end (in its own process: it sets TRITON_INTERPRET and
+    stubs the launches), a few calls per case: both paths of every case, and the launches each
+    makes (what it reports, not how fast)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "host_overhead.py"), "--calls", "5"],
+                         cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[2:]}
+    assert set(rows) == {"elbo-fwd", "elbo-full", "reparam-fwd", "reparam-full"}, out.stdout
+    assert [rows[c][-1] for c in ("elbo-fwd", "elbo-full", "reparam-fwd", "reparam-full")] == ["2", "3", "1", "2"]

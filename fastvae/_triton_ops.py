@@ -49,10 +49,15 @@ def _traced(t: Tensor) -> bool:
     return is_fake(t)
 
 
-def _eager(t: Tensor) -> bool:
-    """True where a kernel may be launched directly: nothing traces (no torch.compile, no fake
-    tensor, no dispatch mode such as make_fx's, which would not see the launch)."""
-    return not _traced(t) and _get_current_dispatch_mode() is None
+def _eager(*tensors) -> bool:
+    """True where a kernel may be launched directly: nothing traces (no torch.compile, no
+    dispatch mode such as make_fx's or FakeTensorMode, which would not see the launch) and every
+    tensor is a plain one (a Parameter too): not a fake or functional tensor, nor any other
+    subclass, whose own __torch_dispatch__ must see the registered op. None entries are skipped."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    return all(t is None or ((type(t) is Tensor or type(t) is torch.nn.Parameter)
+                             and not torch._is_functional_tensor(t)) for t in tensors)
 
 
 def _direct(kernel):
@@ -163,7 +168,7 @@ class _ELBO(torch.autograd.Function):
 
 def elbo_apply(recon: Tensor, *args) -> tuple[Tensor, ...]:
     """``torch.ops.fastvae.elbo(recon, *args)``, launched directly when nothing traces."""
-    if _eager(recon):
+    if _eager(recon, *args[:4]):  # recon, x, mu, logvar, sigma
         with _on_device(recon):
             return _ELBO.apply(recon, *args)
     return torch.ops.fastvae.elbo(recon, *args)
@@ -227,7 +232,7 @@ class _Reparameterize(torch.autograd.Function):
 def reparameterize_apply(mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: Optional[Tensor],
                          num_samples: int) -> Tensor:
     """``torch.ops.fastvae.reparameterize(...)``, launched directly when nothing traces."""
-    if _eager(mu):
+    if _eager(mu, logvar, eps, seed):
         with _on_device(mu):
             return _Reparameterize.apply(mu, logvar, eps, seed, num_samples)
     return torch.ops.fastvae.reparameterize(mu, logvar, eps, seed, num_samples)

@@ -503,6 +503,18 @@ def test_eager_calls_skip_the_op_dispatch_and_tracers_record_the_ops(backend_dev
         eps = torch.ones_like(m)
         return fastvae.elbo_loss(r, x, m, v, backend="triton"), fastvae.reparameterize(m, v, eps=eps, backend="triton")
 
+    # a tensor subclass (its own dispatch must see the op) takes the registered op too
+    class Sub(torch.Tensor):
+        pass
+
+    sub = leaves[0].detach().clone().as_subclass(Sub).requires_grad_()
+    loss_sub = fastvae.elbo_loss(sub, x, leaves[1], leaves[2], backend="triton")
+    node = loss_sub.grad_fn
+    while node.name() in ("AliasBackward0", "SelectBackward0"):
+        node = node.next_functions[0][0]
+    assert node.name() != "_ELBOBackward"
+    torch.testing.assert_close(loss_sub.as_subclass(torch.Tensor), loss.detach(), rtol=0, atol=0)
+
     graph = make_fx(f)(r, x, m, v)
     targets = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
     assert {"fastvae.elbo.default", "fastvae.reparameterize.default"} <= targets, targets
