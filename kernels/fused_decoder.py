@@ -40,7 +40,6 @@ import triton
 import triton.language as tl
 
 from . import cdiv
-
 from .likelihoods import BERNOULLI_LOGITS, CONT_BERNOULLI, decoder_nll, likelihood_code, likelihood_params
 
 _BLOCK_M = 64
