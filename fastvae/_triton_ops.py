@@ -115,6 +115,9 @@ def _elbo_setup(ctx, inputs, output):
     ctx.grad_written, ctx.x_grad, ctx.sigma_grad = inputs[-3:]
     ctx.beta = inputs[7]
     ctx.mark_non_differentiable(*output[1:])
+    # the gradient buffers are outputs too: left to its default, autograd would hand the backward
+    # a zero-filled tensor for each of them (a [B, N] memset per step, a third more traffic)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(*output[1:])
 
 

@@ -522,6 +522,36 @@ def test_eager_calls_skip_the_op_dispatch_and_tracers_record_the_ops(backend_dev
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("path", ["eager", "ops"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_backward_fills_no_zero_gradients(backend_device, path, reduction, monkeypatch):
+    """A backward moves no bytes it does not need: autograd, left to its default, hands a backward
+    a zero-filled tensor for each output that got no gradient, and the Triton op's outputs
+    include its [B, N] gradient buffers (a memset as large as recon per step). Every zero-fill
+    over the backward is recorded by the profiler; none may be larger than the loss's own
+    gradient ([4] or [4, B])."""
+    from torch.profiler import ProfilerActivity, profile
+
+    backend, device = backend_device
+    if path == "ops":
+        if backend != "triton":
+            pytest.skip("the registered op is the Triton path's")
+        from fastvae import _triton_ops
+        monkeypatch.setattr(_triton_ops, "_eager", lambda *tensors: False)
+    B, N, L = 6, 50, 3
+    r, x, m, v = make_inputs((B, N), (B, N), L, from_logits=True, device=device, seed=28)
+    leaves = [t.detach().clone().requires_grad_() for t in (r, x, m, v)]
+    out = fastvae.elbo_loss(*leaves, backend=backend, reduction=reduction, return_components=True)
+    total = out.loss.sum() + 0.5 * out.kl.sum()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        total.backward()
+    fills = [(e.name, e.input_shapes[0]) for e in prof.events()
+             if e.name in ("aten::zero_", "aten::fill_") and e.input_shapes and e.input_shapes[0]]
+    big = [(name, shape) for name, shape in fills if torch.Size(shape).numel() > 4 * B]
+    assert not big, big
+    assert leaves[0].grad is not None and leaves[1].grad is not None
+
+
 @pytest.mark.skipif(not fastvae.triton_available(), reason="needs triton")
 def test_triton_second_backward_is_a_clear_error():
     if not (torch.cuda.is_available() or fastvae._backend.interpreter_enabled()):
