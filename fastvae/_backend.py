@@ -5,6 +5,7 @@ import os
 import platform
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "FASTVAE_BACKEND"
@@ -55,19 +56,32 @@ def default_backend() -> str:
     return value
 
 
+def forward_ad_on() -> bool:
+    """True inside ``torch.autograd.forward_ad.dual_level()`` (one attribute read)."""
+    return getattr(_forward_ad, "_current_level", 0) >= 0
+
+
+def has_tangents(*tensors: torch.Tensor) -> bool:
+    """True when forward-mode AD is on and a tensor carries a tangent."""
+    if not forward_ad_on():
+        return False
+    return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def resolve(backend: str, *tensors: torch.Tensor) -> str:
     """Return "triton" or "torch" for an op on ``tensors``.
 
     ``auto`` takes ``$FASTVAE_BACKEND`` first; if that is also ``auto``, CUDA tensors go to
-    the Triton kernels (float64 stays on the exact PyTorch path) and everything else to the
-    fallback. ``triton`` is honoured or refused with a clear error, never silently replaced.
+    the Triton kernels (float64 and forward-mode AD's dual tensors stay on the PyTorch path,
+    which supports them) and everything else to the fallback. ``triton`` is honoured or refused
+    with a clear error, never silently replaced.
     """
     backend = check_backend(backend)
     if backend == "auto":
         backend = default_backend()
     if backend == "auto":
         t = tensors[0]
-        if t.is_cuda and t.dtype != torch.float64:
+        if t.is_cuda and t.dtype != torch.float64 and not has_tangents(*tensors):
             if triton_available():
                 return "triton"
             _warn_fallback_on_cuda()
@@ -83,6 +97,12 @@ def resolve(backend: str, *tensors: torch.Tensor) -> str:
             raise TypeError(
                 "backend='triton' computes in float32 and does not take float64 tensors; "
                 "use backend='torch' (or 'auto') for float64"
+            )
+        if has_tangents(*tensors):
+            raise RuntimeError(
+                "backend='triton' does not support forward-mode AD (dual tensors of "
+                "torch.autograd.forward_ad): its kernels have no forward derivative; use "
+                "backend='torch' (or 'auto'), which has one"
             )
         if not tensors[0].is_cuda and not interpreter_enabled():
             raise RuntimeError(

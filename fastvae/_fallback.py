@@ -54,7 +54,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
-from . import _cpu_loops
+from . import _backend, _cpu_loops
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -704,6 +704,40 @@ class ELBOFunction(torch.autograd.Function):
         return (*out, None, None)
 
 
+class ELBOFunctionJvp(ELBOFunction):
+    """ELBOFunction with a forward derivative, for forward-mode AD (``torch.autograd.forward_ad``,
+    gradcheck's ``check_forward_ad``). Taken only inside a dual level: dynamo cannot trace a
+    Function that defines ``jvp``, so torch.compile keeps ELBOFunction."""
+
+    @staticmethod
+    def forward(ctx, recon, x, mu, logvar, sigma, args, grad_enabled: bool):
+        terms = ELBOFunction.forward(ctx, recon, x, mu, logvar, sigma, args, grad_enabled)
+        ctx.save_for_forward(recon, x, mu, logvar, sigma)
+        return terms
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        """Each term's derivative along the inputs' tangents: its gradients (the recompute path's,
+        one term at a time) dotted with them, per row for reduction="none"."""
+        saved = ctx.saved_tensors
+        reduction = ctx.args[-1]
+        dt = _compute_dtype(saved[0])
+        B = saved[0].shape[0]
+        tan = tangents[:5]
+        want = tuple(t is not None for t in tan)
+        out = []
+        for k in range(4):
+            g = torch.zeros((4, B) if reduction == "none" else (4,), dtype=dt, device=saved[0].device)
+            g[k] = 1.0
+            total = torch.zeros(g.shape[1:], dtype=dt, device=g.device)
+            for d, t in zip(_recompute_grads(*saved, ctx.args, want, g, ctx.active), tan):
+                if d is not None and t is not None:
+                    prod = (d * _as(t, dt)).reshape(B, -1)
+                    total = total + (prod.sum(1) if reduction == "none" else prod.sum())
+            out.append(total)
+        return tuple(out)
+
+
 def elbo(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, sigma: Tensor | None, inv_sigma: float,
          log_norm: float, beta: float, free_bits: float, likelihood: str, from_logits: bool,
          reduction: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -712,7 +746,8 @@ def elbo(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, sigma: Tensor | N
     (float64 for float64 recon); differentiable w.r.t. recon, x, mu, logvar and sigma."""
     args = (float(inv_sigma), float(log_norm), float(beta), float(free_bits), likelihood,
             bool(from_logits), reduction)
-    return ELBOFunction.apply(recon, x, mu, logvar, sigma, args, torch.is_grad_enabled())
+    fn = ELBOFunctionJvp if _backend.forward_ad_on() else ELBOFunction
+    return fn.apply(recon, x, mu, logvar, sigma, args, torch.is_grad_enabled())
 
 
 def reparameterize(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:
