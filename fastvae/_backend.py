@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "FASTVAE_BACKEND"
+_TRITON_OPS = __package__ + "._triton_ops"
 
 
 _IMPORT_ERROR: str | None = None
@@ -18,6 +20,8 @@ _WARNED_FALLBACK_ON_CUDA = False
 def triton_available() -> bool:
     """True when triton imports and fastvae's kernels can be built."""
     global _IMPORT_ERROR
+    if sys.modules.get(_TRITON_OPS) is not None:  # imported already: a dict lookup, per op call
+        return True
     try:
         from . import _triton_ops  # noqa: F401
     except ImportError as e:
@@ -36,9 +40,7 @@ def interpreter_enabled() -> bool:
     """True when Triton's CPU interpreter was on when fastvae's kernels were defined."""
     if not triton_available():
         return False
-    from . import _triton_ops
-
-    return _triton_ops.KERNELS_INTERPRETED
+    return sys.modules[_TRITON_OPS].KERNELS_INTERPRETED
 
 
 def check_backend(backend: str) -> str:
