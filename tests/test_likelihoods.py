@@ -498,15 +498,13 @@ def test_torch_func_is_refused_by_name(backend_device):
 
 # ---- double backward -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_fallback_double_backward(case, reduction):
-    """The fallback's backward is differentiable: gradgradcheck in float64, every input (sigma
-    tensor and free bits included), every component."""
+def _gradcheck_problem(case, reduction, seed):
+    """(float64 leaves, f): small inputs for gradcheck (sigma as a [B, 1] tensor where the case
+    has one) and elbo_loss on the fallback with beta, free bits and every component."""
     likelihood, from_logits, sigma = case
-    g = torch.Generator().manual_seed(20)
+    g = torch.Generator().manual_seed(seed)
     B, N, L = 3, 4, 2
-    r, x, m, v = make(likelihood, from_logits, (B, N), L, device="cpu", dtype=torch.float64, seed=20, scale=2.0)
+    r, x, m, v = make(likelihood, from_logits, (B, N), L, device="cpu", dtype=torch.float64, seed=seed, scale=2.0)
     if likelihood == "bernoulli" and not from_logits:
         r = r.clamp(0.05, 0.95)
     inputs = [r, x, m, v]
@@ -520,6 +518,15 @@ def test_fallback_double_backward(case, reduction):
                               from_logits=from_logits, return_components=True, backend="torch")
         return c.loss, c.reconstruction, c.kl
 
+    return inputs, f
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_fallback_double_backward(case, reduction):
+    """The fallback's backward is differentiable: gradgradcheck in float64, every input (sigma
+    tensor and free bits included), every component."""
+    inputs, f = _gradcheck_problem(case, reduction, seed=20)
     assert torch.autograd.gradcheck(f, inputs)
     assert torch.autograd.gradgradcheck(f, inputs)
 
@@ -543,23 +550,7 @@ def test_fallback_forward_mode_ad_gradcheck(case, reduction):
     """The fallback has a forward derivative (torch.autograd.forward_ad): gradcheck's
     check_forward_ad compares it with finite differences in float64, every input (sigma tensor and
     free bits included), every component."""
-    likelihood, from_logits, sigma = case
-    g = torch.Generator().manual_seed(21)
-    B, N, L = 3, 4, 2
-    r, x, m, v = make(likelihood, from_logits, (B, N), L, device="cpu", dtype=torch.float64, seed=21, scale=2.0)
-    if likelihood == "bernoulli" and not from_logits:
-        r = r.clamp(0.05, 0.95)
-    inputs = [r, x, m, v]
-    if sigma is not None:
-        inputs.append((0.5 + torch.rand(B, 1, generator=g, dtype=torch.float64)))
-    inputs = [t.detach().requires_grad_() for t in inputs]
-
-    def f(r, x, m, v, *sig):
-        c = fastvae.elbo_loss(r, x, m, v, reduction=reduction, beta=0.7, free_bits=0.05,
-                              likelihood=likelihood, sigma=sig[0] if sig else None,
-                              from_logits=from_logits, return_components=True, backend="torch")
-        return c.loss, c.reconstruction, c.kl
-
+    inputs, f = _gradcheck_problem(case, reduction, seed=21)
     assert torch.autograd.gradcheck(f, inputs, check_forward_ad=True, check_backward_ad=False)
 
 
