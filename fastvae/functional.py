@@ -251,17 +251,26 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, num_samples: Optional[int] = N
     ``[K, *mu.shape]``); the gradients of mu and logvar sum over the K samples, in a fixed order
     (deterministic). ``num_samples=None`` (the default) gives z of mu's shape; ``num_samples=1``
     gives the same values with a leading dimension of 1 (the same draw from the same seed).
+
+    mu and logvar broadcast against each other, as in ``torch.distributions.Normal``: a logvar of
+    shape [L] (learned, shared by the batch) with mu [B, L] gives z [B, L], and logvar gets the
+    gradient summed over the batch. "mu's shape" above then means the broadcast shape.
     """
     for name, t in (("mu", mu), ("logvar", logvar)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         _check_float(name, t)
     check_num_samples(num_samples)
-    if mu.shape != logvar.shape:
-        raise ValueError(f"mu and logvar must have the same shape; got mu {tuple(mu.shape)}, "
-                         f"logvar {tuple(logvar.shape)}")
     if mu.device != logvar.device:
         raise ValueError(f"mu and logvar must be on one device; got {mu.device} and {logvar.device}")
+    if mu.shape != logvar.shape:  # e.g. a learned logvar [L] shared by the batch
+        try:
+            both = torch.broadcast_shapes(mu.shape, logvar.shape)
+        except RuntimeError:
+            raise ValueError(f"mu and logvar must have the same shape or broadcast to one; got mu "
+                             f"{tuple(mu.shape)}, logvar {tuple(logvar.shape)}") from None
+        # expanded views (stride 0, no copy): autograd sums the gradients back to each shape
+        mu, logvar = mu.expand(both), logvar.expand(both)
     shape = mu.shape if num_samples is None else torch.Size((num_samples, *mu.shape))
     if eps is not None:
         if not isinstance(eps, Tensor):

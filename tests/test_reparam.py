@@ -249,3 +249,41 @@ def test_num_samples_op_registration():
     eps, seed = torch.randn(10, 3, device=dev), torch.tensor([42], device=dev)
     for args in ((mu, logvar, eps, None, 2), (mu, logvar, None, seed, 2)):
         torch.library.opcheck(torch.ops.fastvae.reparameterize.default, args, test_utils=checks)
+
+
+@pytest.mark.parametrize("num_samples", [None, 3])
+@pytest.mark.parametrize("mu_shape,logvar_shape", [((7, 5), (5,)), ((7, 5), (7, 1)), ((1, 5), (7, 5)),
+                                                   ((2, 7, 5), (5,))])
+def test_mu_and_logvar_broadcast(backend_device, mu_shape, logvar_shape, num_samples):
+    """mu and logvar broadcast as in torch.distributions.Normal (a learned logvar [L] shared by
+    the batch, a per-sample [B, 1]): z of the broadcast shape, and each gradient summed back to
+    its input's shape, against the float64 oracle (which broadcasts the same formula)."""
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(30)
+    shape = torch.broadcast_shapes(mu_shape, logvar_shape)
+    full = shape if num_samples is None else (num_samples, *shape)
+    mu = torch.randn(mu_shape, generator=g).to(device)
+    logvar = torch.randn(logvar_shape, generator=g).to(device)
+    eps, go = (torch.randn(full, generator=g).to(device) for _ in range(2))
+    m, v, e = leaves(mu, logvar, eps)
+    z = fastvae.reparameterize(m, v, eps=e, num_samples=num_samples, backend=backend)
+    assert z.shape == full
+    z.backward(go)
+    ref_z, ref = oracle.reparameterize(mu, logvar, eps, go)
+    torch.testing.assert_close(z.double().cpu(), ref_z, rtol=1e-6, atol=1e-6)
+    for name, t in (("mu", m), ("logvar", v), ("eps", e)):
+        assert t.grad.shape == t.shape, name
+        torch.testing.assert_close(t.grad.double().cpu(), ref[name], rtol=1e-5, atol=1e-5)
+    # drawn noise: the broadcast shape too, and the same draw as with the inputs expanded
+    torch.manual_seed(31)
+    z1 = fastvae.reparameterize(mu, logvar, num_samples=num_samples, backend=backend)
+    torch.manual_seed(31)
+    z2 = fastvae.reparameterize(mu.expand(shape).contiguous(), logvar.expand(shape).contiguous(),
+                                num_samples=num_samples, backend=backend)
+    assert z1.shape == full
+    torch.testing.assert_close(z1, z2, rtol=0, atol=0)
+
+
+def test_mu_and_logvar_that_do_not_broadcast_are_refused():
+    with pytest.raises(ValueError, match=r"broadcast.*\(3, 4\).*\(2, 4\)"):
+        fastvae.reparameterize(torch.zeros(3, 4), torch.zeros(2, 4))
