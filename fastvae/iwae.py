@@ -342,7 +342,8 @@ def iwae_loss(h: Tensor, weight: Tensor, bias: Optional[Tensor], x: Tensor, z: T
         x: targets [B, ...] with D elements per image: floats in [0, 1] or uint8 pixels (x / 255);
             they get no gradient.
         z: [K, B, L] the samples, e.g. ``fastvae.reparameterize(mu, logvar, num_samples=K)``.
-        mu, logvar: [B, L] the encoder's q(z | x).
+        mu, logvar: [B, L] the encoder's q(z | x), or shapes that broadcast to [B, L] (a logvar
+            [L] shared by the batch, as ``fastvae.reparameterize`` takes it).
         reduction: "sum" over the batch, "batchmean" (sum / B) or "none" ([B]).
         backend: "auto", "triton" or "torch" for the fused output layer.
 
@@ -367,9 +368,14 @@ def iwae_loss(h: Tensor, weight: Tensor, bias: Optional[Tensor], x: Tensor, z: T
     D = weight.shape[0]
     if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (D,)):
         raise ValueError(f"bias must be None or a [D] = [{D}] tensor")
-    if mu.shape != logvar.shape or mu.dim() != 2 or mu.shape != (B, z.shape[2]):
-        raise ValueError(f"mu and logvar must be [B, L] = {(B, z.shape[2])}; got {tuple(mu.shape)} and "
-                         f"{tuple(logvar.shape)}")
+    want = torch.Size((B, z.shape[2]))
+    try:  # [B, L], or shapes that broadcast to it (as fastvae.reparameterize takes them)
+        ok = mu.dim() <= 2 and logvar.dim() <= 2 and torch.broadcast_shapes(want, mu.shape, logvar.shape) == want
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"mu and logvar must be [B, L] = {tuple(want)} or broadcast to it (e.g. a logvar "
+                         f"[L] shared by the batch); got {tuple(mu.shape)} and {tuple(logvar.shape)}")
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] != B or x.numel() != B * D:
         raise ValueError(f"x must be [B, ...] with B = {B} and D = {D} elements per image; got "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")

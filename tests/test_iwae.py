@@ -288,6 +288,26 @@ def test_iwae_loss_and_gradients_match_float64_autograd_real_sizes(K, B, reducti
         _assert_rel(a, r, 1e-5)
 
 
+@pytest.mark.parametrize("logvar_shape", ["L", "B1"])
+def test_iwae_loss_with_a_broadcast_logvar(logvar_shape):
+    """A logvar [L] shared by the batch (or [B, 1]), as reparameterize takes it: the bound and
+    every gradient (logvar's summed back to its shape) against the float64 reference, whose
+    torch.distributions.Normal broadcasts the same way."""
+    leaves, eps, x = _loss_case(5, 3, 20, 400, 784, seed=8)  # the data of the real-sizes test
+    leaves[5] = leaves[5][0] if logvar_shape == "L" else leaves[5][:, :1]
+
+    def fused(h, w, b, x, z, mu, logvar, red):
+        return fastvae.iwae_loss(h, w, b, x, z, mu, logvar, reduction=red, backend="torch")
+
+    go = torch.randn(3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    loss, grads = _run_loss(leaves, eps, x, fused, torch.float32, "none", go)
+    ref_loss, ref_grads = _run_loss(leaves, eps, x, unfused_iwae_loss, torch.float64, "none", go)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=0)
+    assert grads[5].shape == leaves[5].shape
+    for a, r in zip(grads, ref_grads):
+        _assert_rel(a, r, 1e-5)
+
+
 def test_iwae_loss_float64_and_chunking_over_samples(monkeypatch):
     # tiny chunks: the output layer's gradient is accumulated over many chunks of samples
     monkeypatch.setattr(iwae, "_CHUNK_ELEMENTS", 784 * 6)
@@ -344,6 +364,8 @@ def test_iwae_loss_bad_arguments():
         fastvae.iwae_loss(h, w, b, x[:, :4], z, mu, lv)
     with pytest.raises(ValueError, match="mu and logvar"):
         fastvae.iwae_loss(h, w, b, x, z, mu[:, :2], lv)
+    with pytest.raises(ValueError, match=r"mu and logvar.*broadcast.*\(3, 6\) and \(2, 6\)"):
+        fastvae.iwae_loss(h, w, b, x, z, mu, lv[:2])
     with pytest.raises(TypeError, match="h must"):
         fastvae.iwae_loss(h.long(), w, b, x, z, mu, lv)
 
