@@ -543,7 +543,7 @@ def test_backward_fills_no_zero_gradients(backend_device, path, reduction, monke
             pytest.skip("the registered op is the Triton path's")
         from fastvae import _triton_ops
         monkeypatch.setattr(_triton_ops, "_eager", lambda *tensors: False)
-    B, N, L = 6, 50, 3
+    B, N, L = 6, 50, 5  # every buffer ([B, N], [B, L]) larger than the loss gradient [4, B]
     r, x, m, v = make_inputs((B, N), (B, N), L, from_logits=True, device=device, seed=28)
     leaves = [t.detach().clone().requires_grad_() for t in (r, x, m, v)]
     out = fastvae.elbo_loss(*leaves, backend=backend, reduction=reduction, return_components=True)
