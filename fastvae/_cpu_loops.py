@@ -273,9 +273,10 @@ def _row_pointers(row: str, strides, t_ty: str, names) -> str:
 
 
 def _kernel(name: str, element, target: str, grad: bool) -> str:
-    """``void name(s, t, d, rows, R, D, s_row, t_row, d_row, scale)``: for each of R rows of D
-    elements (unit column stride, row strides in elements), ``rows[i]`` = the row's float64 sum of
-    the element's first value and, if ``grad``, ``d[i, j]`` = its second."""
+    """``void name(s, t, d, rows, R, D, s_row, t_row, d_row, scale, row_mul, row_add)``: for each
+    of R rows of D elements (unit column stride, row strides in elements), ``rows[i]`` = the row's
+    float64 sum of the element's first value, times ``row_mul`` then plus ``row_add`` (two float64
+    roundings, as two ATen ops would make them), and, if ``grad``, ``d[i, j]`` = its second."""
     b = _IR()
     x = b("load float, ptr %sp")
     if target == "u8":  # uint8 x read as x / 255, as torch.div(x, 255.0)
@@ -290,7 +291,8 @@ def _kernel(name: str, element, target: str, grad: bool) -> str:
     return f"""
 define void @{name}(ptr noalias nocapture readonly %s, ptr noalias nocapture readonly %t,
                     ptr noalias nocapture %d, ptr noalias nocapture %rows, i64 %R, i64 %D,
-                    i64 %s_row, i64 %t_row, i64 %d_row, float %scale) nounwind {{
+                    i64 %s_row, i64 %t_row, i64 %d_row, float %scale, double %row_mul,
+                    double %row_add) nounwind {{
 entry:
   %any_rows = icmp sgt i64 %R, 0
   %any_cols = icmp sgt i64 %D, 0
@@ -311,8 +313,10 @@ col:
   br i1 %more_cols, label %col, label %row_end, !llvm.loop !0
 row_end:
   %sum = phi double [0.0, %row], [%acc_next, %col]
+  %sum_mul = fmul double %sum, %row_mul
+  %sum_add = fadd double %sum_mul, %row_add
   %rp = getelementptr double, ptr %rows, i64 %i
-  store double %sum, ptr %rp
+  store double %sum_add, ptr %rp
   %i_next = add nuw nsw i64 %i, 1
   %more_rows = icmp slt i64 %i_next, %R
   br i1 %more_rows, label %row, label %exit
@@ -325,7 +329,7 @@ exit:
 def _parallel(name: str, t_ty: str) -> str:
     """``void name_par(<name's arguments>, i32 threads)``: name over the rows in torch's OpenMP
     team, thread k of n taking rows [R k / n, R (k + 1) / n)."""
-    fields = ", ".join(["ptr"] * 4 + ["i64"] * 5 + ["float"])
+    fields = ", ".join(["ptr"] * 4 + ["i64"] * 5 + ["float", "double", "double"])
     return f"""
 define internal void @{name}_omp(ptr %a) nounwind {{
   %sp = getelementptr {{{fields}}}, ptr %a, i32 0, i32 0
@@ -338,6 +342,8 @@ define internal void @{name}_omp(ptr %a) nounwind {{
   %tsp = getelementptr {{{fields}}}, ptr %a, i32 0, i32 7
   %dsp = getelementptr {{{fields}}}, ptr %a, i32 0, i32 8
   %scp = getelementptr {{{fields}}}, ptr %a, i32 0, i32 9
+  %rmp = getelementptr {{{fields}}}, ptr %a, i32 0, i32 10
+  %rap = getelementptr {{{fields}}}, ptr %a, i32 0, i32 11
   %s = load ptr, ptr %sp
   %t = load ptr, ptr %tp
   %d = load ptr, ptr %dp
@@ -348,6 +354,8 @@ define internal void @{name}_omp(ptr %a) nounwind {{
   %ts = load i64, ptr %tsp
   %ds = load i64, ptr %dsp
   %scale = load float, ptr %scp
+  %row_mul = load double, ptr %rmp
+  %row_add = load double, ptr %rap
   %k32 = call i32 @omp_get_thread_num()
   %n32 = call i32 @omp_get_num_threads()
   %k = sext i32 %k32 to i64
@@ -360,12 +368,14 @@ define internal void @{name}_omp(ptr %a) nounwind {{
   %r = sub i64 %hi, %lo
 {_row_pointers("%lo", ("%ss", "%ts", "%ds"), t_ty, ("%s1", "%t1", "%d1"))}
   %rows1 = getelementptr double, ptr %rows, i64 %lo
-  call void @{name}(ptr %s1, ptr %t1, ptr %d1, ptr %rows1, i64 %r, i64 %D, i64 %ss, i64 %ts, i64 %ds, float %scale)
+  call void @{name}(ptr %s1, ptr %t1, ptr %d1, ptr %rows1, i64 %r, i64 %D, i64 %ss, i64 %ts, i64 %ds, float %scale,
+                    double %row_mul, double %row_add)
   ret void
 }}
 
 define void @{name}_par(ptr %s, ptr %t, ptr %d, ptr %rows, i64 %R, i64 %D, i64 %ss, i64 %ts,
-                        i64 %ds, float %scale, i32 %threads) nounwind {{
+                        i64 %ds, float %scale, double %row_mul, double %row_add,
+                        i32 %threads) nounwind {{
   %a = alloca {{{fields}}}
   %a0 = insertvalue {{{fields}}} poison, ptr %s, 0
   %a1 = insertvalue {{{fields}}} %a0, ptr %t, 1
@@ -377,7 +387,9 @@ define void @{name}_par(ptr %s, ptr %t, ptr %d, ptr %rows, i64 %R, i64 %D, i64 %
   %a7 = insertvalue {{{fields}}} %a6, i64 %ts, 7
   %a8 = insertvalue {{{fields}}} %a7, i64 %ds, 8
   %a9 = insertvalue {{{fields}}} %a8, float %scale, 9
-  store {{{fields}}} %a9, ptr %a
+  %a10 = insertvalue {{{fields}}} %a9, double %row_mul, 10
+  %a11 = insertvalue {{{fields}}} %a10, double %row_add, 11
+  store {{{fields}}} %a11, ptr %a
   call void @GOMP_parallel(ptr @{name}_omp, ptr %a, i32 %threads, i32 0)
   ret void
 }}
@@ -402,9 +414,10 @@ declare double @llvm.fmuladd.f64(double, double, double)
 !3 = !{{!"llvm.loop.interleave.count", i32 1}}
 """
 
-_SIGNATURE = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 4), *([ctypes.c_int64] * 5), ctypes.c_float)
+_SIGNATURE = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 4), *([ctypes.c_int64] * 5), ctypes.c_float,
+                              ctypes.c_double, ctypes.c_double)
 _PAR_SIGNATURE = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 4), *([ctypes.c_int64] * 5), ctypes.c_float,
-                                  ctypes.c_int32)
+                                  ctypes.c_double, ctypes.c_double, ctypes.c_int32)
 _OPENMP_SYMBOLS = ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")
 
 _lock = threading.Lock()
@@ -519,10 +532,13 @@ def takes(s: Tensor, t: Tensor) -> bool:
     return available()
 
 
-def run(element: str, s: Tensor, t: Tensor, d: Tensor | None, scale: float) -> Tensor:
+def run(element: str, s: Tensor, t: Tensor, d: Tensor | None, scale: float, row_mul: float = 1.0,
+        row_add: float = -0.0) -> Tensor:
     """The float64 row sums [R] of ``element``'s first value over ``s``, ``t`` (see
-    :func:`takes`) and, when ``d`` (float32 [R, D], unit column stride) is given, its second value
-    written into d. ``scale`` multiplies the second value (fp32)."""
+    :func:`takes`), each times ``row_mul`` then plus ``row_add`` (the defaults change no bit:
+    -0.0 is the exact identity of addition), and, when ``d`` (float32 [R, D], unit column
+    stride) is given, its second value written into d. ``scale`` multiplies the second value
+    (fp32)."""
     R, D = s.shape
     if d is not None and (d.dtype != torch.float32 or d.shape != s.shape or not _plain(d)
                           or (D > 1 and d.stride(1) != 1)):
@@ -536,7 +552,7 @@ def run(element: str, s: Tensor, t: Tensor, d: Tensor | None, scale: float) -> T
         raise RuntimeError(f"fastvae internal: the {element} loop did not compile")
     serial, parallel = fns[d is not None]
     args = (s.data_ptr(), t.data_ptr(), 0 if d is None else d.data_ptr(), rows.data_ptr(),
-            R, D, s.stride(0), t.stride(0), 0 if d is None else d.stride(0), scale)
+            R, D, s.stride(0), t.stride(0), 0 if d is None else d.stride(0), scale, row_mul, row_add)
     threads = min(torch.get_num_threads(), R) if R * D >= _PARALLEL_MIN else 1
     if threads > 1 and parallel is not None:
         parallel(*args, threads)

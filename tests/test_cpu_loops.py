@@ -202,6 +202,35 @@ def test_without_gradient_same_rows():
                            _cpu_loops.run(element, s, t, torch.empty_like(s), 1.0))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_row_constants_are_the_two_ops_they_replace(threads):
+    """``row_mul``/``row_add`` give each row sum ``(sum * row_mul) + row_add`` with the two
+    float64 roundings of ``rows.mul_(row_mul).add_(row_add)`` (what the fallback did after the
+    loop), in the serial and the OpenMP-parallel loop; the defaults change no bit, -0.0 rows
+    included (-0.0 is the exact identity of addition)."""
+    g = torch.Generator().manual_seed(8)
+    s, t = 2.0 * torch.randn(200, 784, generator=g), torch.rand(200, 784, generator=g)
+    s[3] = 0.0  # a row of zeros: its Gaussian sum is 0
+    assert s.numel() >= _cpu_loops._PARALLEL_MIN
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for element in ("bernoulli_logits", "gaussian", "continuous_bernoulli", "gaussian_kl"):
+            for rows_ in (s, s[:20]):  # parallel (two threads) and serial sizes
+                tt = t[: rows_.shape[0]]
+                plain = _cpu_loops.run(element, rows_, tt, None, 1.0)
+                for mul, add in ((1.0, -0.0), (0.5, -0.0), (0.37, 1234.567), (1.0, -543.21), (-3.0, 0.0)):
+                    got = _cpu_loops.run(element, rows_, tt, None, 1.0, mul, add)
+                    want = plain.clone().mul_(mul).add_(add)
+                    assert torch.equal(got, want), (element, mul, add)
+                    assert torch.equal(torch.signbit(got), torch.signbit(want)), (element, mul, add)
+                assert torch.equal(_cpu_loops.run(element, rows_, tt, None, 1.0, 1.0, -0.0), plain)
+        neg_zero = _cpu_loops.run("gaussian", s[3:4], s[3:4], None, 1.0, -1.0)  # -(0.0) stays -0.0
+        assert neg_zero.item() == 0.0 and torch.signbit(neg_zero).item()
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_empty_and_single_column():
     for R, D in ((0, 784), (5, 1), (3, 0)):
         s, t = torch.randn(R, D), torch.rand(R, D)

@@ -467,10 +467,13 @@ def test_cb_series_in_float64_against_the_closed_form(single_pass):
     torch.testing.assert_close(d_log_c, want_d, rtol=0, atol=5e-9)
 
 
+@pytest.mark.aten
 def test_constants_cache_is_bounded_and_exact():
     """Numbers that depend on the call (sigma, 1/B) go through the 0-dim constants cache too: over
     many distinct sigmas and batch sizes it stays within its bound, and every loss and gradient
-    still matches the float64 oracle (a cleared cache makes new constants, never stale ones)."""
+    still matches the float64 oracle (a cleared cache makes new constants, never stale ones).
+    (The ATen formulation's: the fused loops take the Gaussian's sigma-dependent numbers as
+    arguments, so only the few 1/B values would reach the cache there.)"""
     g = torch.Generator().manual_seed(11)
     _fallback._CONSTANTS.clear()
     cleared, before = False, 0
