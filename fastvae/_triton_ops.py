@@ -184,8 +184,7 @@ def elbo_apply(recon: Tensor, *args) -> tuple[Tensor, ...]:
 def reparameterize(mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: Optional[Tensor],
                    num_samples: int = 0) -> Tensor:
     # num_samples = 0: z [M, L]; K >= 1: z [K * M, L] (sample k in rows k*M .. k*M + M - 1)
-    out_dtype = torch.promote_types(mu.dtype, logvar.dtype)
-    return _reparam.reparam_forward(wrap_triton, mu, logvar, eps, seed, out_dtype, num_samples)
+    return _reparam.reparam_forward(wrap_triton, mu, logvar, eps, seed, num_samples)
 
 
 @triton_op("fastvae::reparameterize_backward", mutates_args={})
@@ -225,8 +224,7 @@ class _Reparameterize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mu, logvar, eps, seed, num_samples):
-        out_dtype = torch.promote_types(mu.dtype, logvar.dtype)
-        z = _reparam.reparam_forward(_direct, mu, logvar, eps, seed, out_dtype, num_samples)
+        z = _reparam.reparam_forward(_direct, mu, logvar, eps, seed, num_samples)
         _reparam_setup(ctx, (mu, logvar, eps, seed, num_samples), z)
         return z
 

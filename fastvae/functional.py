@@ -290,14 +290,16 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, num_samples: Optional[int] = N
         raise RuntimeError("fastvae.reparameterize's Triton kernels do not support torch.func "
                            "transforms (grad, vmap, jacrev, ...): use backend='torch' inside them, "
                            "or call it outside them")
-    # the kernels take [M, L]; a [B, L] input goes as it is (each view would add a node to the
-    # autograd graph, and the backward's engine time with it)
-    flat = mu.dim() != 2
+    # the kernels take [M, L]; a tensor already of that form goes as it is (each view would add a
+    # node to the autograd graph, and the backward's engine time with it)
     width = mu.shape[-1] if mu.dim() else 1
-    m2, v2 = (mu.reshape(-1, width), logvar.reshape(-1, width)) if flat else (mu, logvar)
-    e2 = None if eps is None else (eps.reshape(-1, width) if flat or num_samples is not None else eps)
+
+    def rows(t):
+        return t if t.dim() == 2 else t.reshape(-1, width)
+
     seed = _draw_seed(mu.device, generator) if eps is None else None
     from . import _triton_ops
 
-    z = _triton_ops.reparameterize_apply(m2, v2, e2, seed, 0 if num_samples is None else num_samples)
-    return z.view(shape) if flat or num_samples is not None else z
+    z = _triton_ops.reparameterize_apply(rows(mu), rows(logvar), None if eps is None else rows(eps), seed,
+                                         0 if num_samples is None else num_samples)
+    return z if z.shape == shape else z.view(shape)

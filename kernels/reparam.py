@@ -111,10 +111,11 @@ def _strides(*ts):
     return out
 
 
-def reparam_forward(kernel_launch, mu, logvar, eps, seed, out_dtype, num_samples: int = 0):
+def reparam_forward(kernel_launch, mu, logvar, eps, seed, num_samples: int = 0):
     """z from 2-D ``mu``/``logvar`` [M, L] and either ``eps`` or a one-element int64 ``seed``:
     [M, L] (``num_samples=0``, eps [M, L]) or [K * M, L] for K = ``num_samples`` >= 1 (eps
-    [K * M, L], sample k in rows k * M .. k * M + M - 1)."""
+    [K * M, L], sample k in rows k * M .. k * M + M - 1), in mu's and logvar's promoted dtype."""
+    out_dtype = torch.promote_types(mu.dtype, logvar.dtype)
     M, L = mu.shape
     K = max(num_samples, 1)
     n_in = M * L

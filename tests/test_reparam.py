@@ -65,6 +65,23 @@ def test_low_precision(backend_device, dtype):
     torch.testing.assert_close(m.grad.double().cpu(), ref["mu"], rtol=0, atol=0)  # d mu = g exactly
 
 
+def test_mixed_dtypes_promote(backend_device):
+    """mu in bf16 and logvar in fp32 (e.g. a half-precision mean head): z comes in the promoted
+    dtype, fp32, computed from the given values like the oracle; each gradient in its input's
+    dtype."""
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(4)
+    mu = torch.randn(6, 20, generator=g).to(device, torch.bfloat16)
+    logvar, eps, go = (torch.randn(6, 20, generator=g).to(device) for _ in range(3))
+    m, v = leaves(mu, logvar)
+    z = fastvae.reparameterize(m, v, eps=eps, backend=backend)
+    z.backward(go)
+    ref_z, ref = oracle.reparameterize(mu, logvar, eps, go)
+    assert z.dtype == torch.float32 and m.grad.dtype == torch.bfloat16 and v.grad.dtype == torch.float32
+    torch.testing.assert_close(z.double().cpu(), ref_z, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(v.grad.double().cpu(), ref["logvar"], rtol=1e-6, atol=1e-6)
+
+
 def test_drawn_noise_reproducible_and_fresh(backend_device):
     backend, device = backend_device
     mu = torch.zeros(32, 20, device=device)
