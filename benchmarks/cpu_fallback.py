@@ -5,6 +5,7 @@ latent 20, forward + backward).
     python benchmarks/cpu_fallback.py                                  # avx2 and avx512, 1 and 2 threads
     python benchmarks/cpu_fallback.py --levels avx2 --threads 1 --sizes 4096
     python benchmarks/cpu_fallback.py --likelihood cb       # or gaussian (sigma = 0.5)
+    python benchmarks/cpu_fallback.py --thp                 # huge pages for eager and compile too
 
 For ``--likelihood gaussian`` / ``cb`` the providers are ``fastvae.baselines``' eager losses
 (torch.distributions ``log_prob``), ``torch.compile`` of their validation-free forms, and fastvae.
@@ -22,10 +23,16 @@ over eager and over compile.
 
 ``floor`` is the memory traffic no implementation can skip, fused or not: one pass that reads
 recon and x and writes a new d recon (``torch.sub`` into a new [B, N] tensor, with ATen's threads:
-a fresh buffer, as each call's gradient is, with its page faults), and nothing else: no
+a fresh buffer, as each call's gradient is, advised for huge pages as fastvae's own buffers are,
+so that its page faults are the fewest any implementation pays), and nothing else: no
 transcendental, no row sums, no KL, no autograd. ``compile / floor`` is the most any
 implementation could gain over ``torch.compile``. (Before the fused loops the floor was a lower
 bound for formulations made of separate ATen ops; the fallback's loops now run below it.)
+
+Each fresh 4 KB page of a buffer is a page fault. fastvae advises its large gradient buffers for
+2 MB pages (``fastvae/_memory.py``); eager and ``torch.compile`` get ATen's buffers, which fault
+page by page unless ``THP_MEM_ALLOC_ENABLE=1`` asks PyTorch to advise every allocation of 2 MB and
+more. ``--thp`` sets it in the children, so that all providers run with huge pages.
 """
 from __future__ import annotations
 
@@ -49,7 +56,9 @@ def _floor(r, x):
     reads recon and x and writes a new d recon [B, N], with ATen's threads."""
     import torch
 
-    return torch.sub(r, x, out=torch.empty_like(r))
+    from fastvae import _memory
+
+    return torch.sub(r, x, out=_memory.empty(r.shape, r.dtype))
 
 
 def _rotation(names: list, i: int) -> list:
@@ -136,7 +145,8 @@ def _child(sizes, rounds_budget, likelihood="bernoulli"):
         cells = " ".join(f"{n}={med[n] * 1e3:.3f}/{mn[n] * 1e3:.3f}ms({flt[n]:.0f}f)" for n in providers)
         floor_txt = (f"floor vs eager {med['eager'] / med['floor']:.2f}x, vs compile "
                      f"{med['compile'] / med['floor']:.2f}x; ")
-        print(f"{likelihood} {cap} threads={torch.get_num_threads()} B={B} rounds={rounds} "
+        thp = " THP_MEM_ALLOC_ENABLE=1" if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" else ""
+        print(f"{likelihood} {cap}{thp} threads={torch.get_num_threads()} B={B} rounds={rounds} "
               f"(median/min, median minor page faults per call) {cells} | "
               f"fastvae vs eager {med['eager'] / med['fastvae']:.2f}x (min {mn['eager'] / mn['fastvae']:.2f}x), "
               f"vs compile {med['compile'] / med['fastvae']:.2f}x (min {mn['compile'] / mn['fastvae']:.2f}x); "
@@ -153,6 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=10.0, help="seconds of timed calls per size (about)")
     p.add_argument("--likelihood", default="bernoulli", choices=("bernoulli", "gaussian", "cb"),
                    help="decoder likelihood (default: bernoulli)")
+    p.add_argument("--thp", action="store_true",
+                   help="THP_MEM_ALLOC_ENABLE=1: huge pages for every provider's large buffers")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -165,6 +177,8 @@ def main(argv=None) -> int:
     for level in args.levels.split(","):
         for n in args.threads.split(","):
             env = dict(os.environ, ATEN_CPU_CAPABILITY=level, FASTVAE_THREADS=n)
+            if args.thp:
+                env["THP_MEM_ALLOC_ENABLE"] = "1"
             r = subprocess.run([sys.executable, __file__, "--child", "--sizes", args.sizes,
                                 "--budget", str(args.budget), "--likelihood", args.likelihood],
                                env=env).returncode

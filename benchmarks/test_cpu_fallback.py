@@ -65,3 +65,35 @@ def test_minor_faults_count_fresh_pages():
         assert _minor_faults() - f0 >= 8192 * 0.9
     finally:
         buf.close()
+
+
+def test_floor_buffer_asks_for_huge_pages(monkeypatch):
+    """The floor's d recon gets the huge-page advice fastvae's own gradient buffers get (so the
+    floor pays no more page faults than fastvae could), with the same values."""
+    from fastvae import _memory
+
+    advised = []
+    real = _memory.advise_huge_pages
+    monkeypatch.setattr(_memory, "advise_huge_pages", lambda t: advised.append(t.data_ptr()) or real(t))
+    g = torch.Generator().manual_seed(1)
+    r, x = torch.randn(1400, 784, generator=g), torch.rand(1400, 784, generator=g)
+    d = _floor(r, x)
+    assert advised == [d.data_ptr()]
+    assert torch.equal(d, r - x)
+
+
+@pytest.mark.parametrize("thp", [False, True])
+def test_thp_flag_sets_pytorchs_variable_in_the_children(monkeypatch, thp):
+    """--thp runs every (level, threads) child with THP_MEM_ALLOC_ENABLE=1; without it the
+    children inherit the environment as it is."""
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    envs = []
+
+    class Done:
+        returncode = 0
+
+    monkeypatch.setattr(cpu_fallback.subprocess, "run", lambda cmd, env: envs.append(env) or Done())
+    argv = ["--levels", "avx2", "--threads", "1,2"] + (["--thp"] if thp else [])
+    assert cpu_fallback.main(argv) == 0
+    assert [(e["ATEN_CPU_CAPABILITY"], e["FASTVAE_THREADS"]) for e in envs] == [("avx2", "1"), ("avx2", "2")]
+    assert all(e.get("THP_MEM_ALLOC_ENABLE") == ("1" if thp else None) for e in envs)

@@ -495,3 +495,118 @@ def test_constants_cache_is_bounded_and_exact():
         for got, name in zip(grads, ("recon", "mu", "logvar")):
             torch.testing.assert_close(got.double(), ref_grads[name], rtol=1e-5, atol=1e-7)
     assert cleared  # the bound was reached and the cache cleared, at least once
+
+
+# ---- huge pages for the op's own large buffers (fastvae/_memory.py) ----------------------------
+
+_SMAPS = "/proc/self/smaps"
+_HUGE = 1 << 21
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds ``address`` (from /proc/self/smaps)."""
+    inside = False
+    with open(_SMAPS) as f:
+        for line in f:
+            head = line.split()
+            if not head[0].endswith(":"):  # a mapping's first line: "start-end perms ..."
+                lo, hi = (int(v, 16) for v in head[0].split("-"))
+                inside = lo <= address < hi
+            elif inside and head[0] == "VmFlags:":
+                return head[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def _interior(t: torch.Tensor) -> int:
+    """The first 2 MB-aligned address inside t's memory."""
+    return (t.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
+
+
+def _advised(monkeypatch, _memory) -> list[int]:
+    """Record the data pointers of the tensors the op advises for huge pages (flags alone cannot
+    tell: a freed advised region keeps its flag when the allocator reuses it)."""
+    seen = []
+    real = _memory.advise_huge_pages
+
+    def advise(t):
+        done = real(t)
+        if done:
+            seen.append(t.data_ptr())
+        return done
+
+    monkeypatch.setattr(_memory, "advise_huge_pages", advise)
+    return seen
+
+
+def _huge_pages_or_skip():
+    import mmap
+    import os
+    from fastvae import _memory
+    if not os.path.exists(_SMAPS) or getattr(mmap, "MADV_HUGEPAGE", None) is None:
+        pytest.skip("no /proc/self/smaps or no MADV_HUGEPAGE: not Linux")
+    if not _memory.ENABLED:
+        pytest.skip("FASTVAE_HUGE_PAGES=0")
+    return _memory
+
+
+def test_advise_huge_pages_flags_a_fresh_buffer(monkeypatch, formulation):
+    """A fresh 40 MB buffer (above glibc's largest mmap threshold: a new mapping) gets the huge
+    page flag ('hg') from the advice, on its 2 MB-aligned interior only; a buffer below MIN_BYTES
+    or off the CPU costs no system call."""
+    _memory = _huge_pages_or_skip()
+    if formulation != "loops":
+        pytest.skip("no formulation involved: run once")
+    t = torch.empty(10 << 20, dtype=torch.float32)
+    assert "hg" not in _vm_flags(_interior(t))
+    assert _memory.advise_huge_pages(t)
+    assert "hg" in _vm_flags(_interior(t))
+    end = t.data_ptr() + t.numel() * 4
+    if end % _HUGE:  # the partial 2 MB page at the end (another allocation may share it): not advised
+        assert "hg" not in _vm_flags(end - 1)
+    calls = []
+    monkeypatch.setattr(_memory, "_madvise", (lambda *a: calls.append(a) or 0, 14))
+    small = torch.empty(_memory.MIN_BYTES // 4 - 1, dtype=torch.float32)
+    assert not _memory.advise_huge_pages(small)
+    assert not _memory.advise_huge_pages(torch.empty(10 << 20, device="meta"))
+    assert calls == []
+    monkeypatch.setattr(_memory, "ENABLED", False)
+    assert not _memory.advise_huge_pages(torch.empty(10 << 20))
+    assert calls == []
+
+
+@pytest.mark.parametrize("case", LIKELIHOODS, ids=LIKELIHOOD_IDS)
+def test_large_gradient_buffers_ask_for_huge_pages(monkeypatch, case):
+    """d recon and d x of 1400 x 784 (4.4 MB each, at least MIN_BYTES) are advised for huge pages
+    before the forward writes them, and handed over with the oracle's values."""
+    _memory = _huge_pages_or_skip()
+    B = 1400
+    assert B * D * 4 >= _memory.MIN_BYTES
+    made, advised = _recording(monkeypatch), _advised(monkeypatch, _memory)
+    inputs, kw = _lik_case(*case, B=B, seed=11)
+    recon, x, mu, logvar = _leaves(*inputs, x_grad=True)
+    fastvae.elbo_loss(recon, x, mu, logvar, backend="torch", **kw).backward()
+    assert recon.grad.data_ptr() == made[0] and x.grad.data_ptr() == made[1]
+    assert advised == made  # d sigma too where it is [B, N] (a per-element sigma)
+    for t in (recon.grad, x.grad):
+        assert "hg" in _vm_flags(_interior(t))
+    leaves_ref, ref = oracle.terms(*inputs, **kw)
+    want = oracle.grads(ref["loss"], leaves_ref)
+    for name, t in (("recon", recon), ("x", x), ("mu", mu), ("logvar", logvar)):
+        torch.testing.assert_close(t.grad.double(), want[name], rtol=1e-5,
+                                   atol=1e-6 * want[name].abs().max().item())
+
+
+def test_kl_loop_buffer_asks_for_huge_pages(monkeypatch, formulation):
+    """The KL loop's h = exp(logvar) - 1 (d logvar, handed over) at B = 65536, L = 20 (5.2 MB) is
+    advised too, with expm1's values."""
+    _memory = _huge_pages_or_skip()
+    if formulation != "loops":
+        pytest.skip("the ATen formulation's h is torch.expm1's own tensor")
+    advised = _advised(monkeypatch, _memory)
+    mu, logvar = _latent(65536, seed=12)
+    kl, _, _, h = _fallback._kl_terms(mu, logvar, 0.0)
+    assert advised == [h.data_ptr()]
+    assert "hg" in _vm_flags(_interior(h))
+    torch.testing.assert_close(h.double(), torch.expm1(logvar.double()), rtol=2e-7, atol=1e-7)
+    want = 0.5 * (torch.expm1(logvar.double()) - logvar.double() + mu.double() ** 2).sum(1)
+    torch.testing.assert_close(kl.double(), want, rtol=1e-6, atol=1e-6)
