@@ -123,6 +123,41 @@ def test_kl_elements_match_oracle():
     assert kl2[0].isnan() and kl2[1] == math.inf and kl2[2].isnan()   # inf - inf, as ATen's
 
 
+def _kl_cases():
+    """(logvar, mu, h buffer) for the KL loop: rows of 1, 16, 20 and 37 elements, 0 rows and 0
+    columns, batches in serial and OpenMP sizes, contiguous and row-strided inputs and buffers,
+    NaN, +-inf and values past the exp's switch points."""
+    g = torch.Generator().manual_seed(9)
+    for B, L in ((1, 1), (3, 20), (5, 37), (7, 16), (4096, 20), (9, 0), (0, 20)):
+        v, mu = 3.0 * torch.randn(B, L, generator=g), torch.randn(B, L, generator=g)
+        flat = v.view(-1)
+        flat[: min(5, flat.numel())] = torch.tensor([math.nan, 100.0, -200.0, math.inf, -math.inf])[: min(5, flat.numel())]
+        yield v, mu, torch.empty(B, L)
+        wide = torch.cat([v, mu], 1)                                  # row stride 2 L
+        yield wide[:, :L], wide[:, L:], torch.empty(B, L)
+        yield v, mu, torch.empty(B, 2 * L)[:, L:]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kl_two_passes_give_the_one_pass_bits(monkeypatch, threads):
+    """The KL's loop with a gradient makes two passes (h over the flat array, then the row sums
+    from h): the same bits, rows and h, as the one-pass loop of the other elements, compiled here
+    for the comparison, in every layout of _kl_cases."""
+    assert "gaussian_kl" in _cpu_loops._TWO_PASS
+    two = [(_cpu_loops.run("gaussian_kl", v, mu, h, 1.0, 0.5), h) for v, mu, h in _kl_cases()]
+    monkeypatch.setattr(_cpu_loops, "_TWO_PASS", {})
+    monkeypatch.setattr(_cpu_loops, "_state", {})                       # compile the one-pass loop
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for (rows, h), (v, mu, h1) in zip(two, _kl_cases()):
+            rows1 = _cpu_loops.run("gaussian_kl", v, mu, h1, 1.0, 0.5)
+            assert torch.equal(rows.view(torch.int64), rows1.view(torch.int64)), (v.shape, v.stride())
+            assert torch.equal(h.view(torch.int32), h1.view(torch.int32)), (v.shape, h.stride())
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_gaussian_elements_exact():
     """(s - t)^2 summed in float64 is the square of fp32's s - t, exactly; d = ks (s - t)."""
     g = torch.Generator().manual_seed(0)
