@@ -550,19 +550,25 @@ def _huge_pages_or_skip():
 
 
 def test_advise_huge_pages_flags_a_fresh_buffer(monkeypatch, formulation):
-    """A fresh 40 MB buffer (above glibc's largest mmap threshold: a new mapping) gets the huge
-    page flag ('hg') from the advice, on its 2 MB-aligned interior only; a buffer below MIN_BYTES
-    or off the CPU costs no system call."""
+    """A tensor on a new anonymous mapping of 40 MB gets the huge page flag ('hg') from the
+    advice, on its 2 MB-aligned interior only; a buffer below MIN_BYTES or off the CPU costs no
+    system call. (A new mapping: memory from the allocator may lie in a region advised before.)"""
+    import mmap
     _memory = _huge_pages_or_skip()
     if formulation != "loops":
         pytest.skip("no formulation involved: run once")
-    t = torch.empty(10 << 20, dtype=torch.float32)
+    import ctypes
+    mapping = mmap.mmap(-1, 44 << 20)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+    offset = (-base) % _HUGE + 4160        # both ends 4160 and 12352 bytes past a 2 MB boundary
+    t = torch.frombuffer(mapping, dtype=torch.float32, offset=offset, count=((40 << 20) + 8192) // 4)
+    assert t.data_ptr() % _HUGE == 4160
     assert "hg" not in _vm_flags(_interior(t))
     assert _memory.advise_huge_pages(t)
     assert "hg" in _vm_flags(_interior(t))
-    end = t.data_ptr() + t.numel() * 4
-    if end % _HUGE:  # the partial 2 MB page at the end (another allocation may share it): not advised
-        assert "hg" not in _vm_flags(end - 1)
+    # the partial 2 MB page at each end (another allocation may share it): not advised
+    assert "hg" not in _vm_flags(t.data_ptr() + t.numel() * 4 - 1)
+    assert "hg" not in _vm_flags(t.data_ptr())
     calls = []
     monkeypatch.setattr(_memory, "_madvise", (lambda *a: calls.append(a) or 0, 14))
     small = torch.empty(_memory.MIN_BYTES // 4 - 1, dtype=torch.float32)
