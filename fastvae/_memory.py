@@ -18,6 +18,7 @@ entirely, so it costs no memory: one system call per buffer of at least 4 MB (tw
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import os
 
@@ -73,7 +74,9 @@ def advise_huge_pages(t: Tensor) -> bool:
 
 def empty(shape, dtype: torch.dtype, device=None) -> Tensor:
     """``torch.empty(shape, dtype=dtype, device=device)``, advised for huge pages (see
-    :func:`advise_huge_pages`) when it is a large CPU buffer."""
+    :func:`advise_huge_pages`) when it is a large CPU buffer. A small one costs one size check
+    more than ``torch.empty`` (the op's buffers at small batches, where every microsecond shows)."""
     t = torch.empty(shape, dtype=dtype, device=device)
-    advise_huge_pages(t)
+    if math.prod(shape) * dtype.itemsize >= MIN_BYTES:
+        advise_huge_pages(t)
     return t
