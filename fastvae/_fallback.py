@@ -139,7 +139,11 @@ def _cut(ws, rows: int) -> list[Tensor]:
 # same derivatives for the recompute path (a second backward of the graph, create_graph=True,
 # torch.compile tracing). Arguments: ``s`` decoder outputs and ``t`` targets (compute dtype),
 # ``sig`` the Gaussian's per-element sigma chunk or None, and the floats ``inv_sigma``/``log_norm``
-# used when it is None (see kernels/likelihoods.py for the math, the same functions).
+# used when it is None (see kernels/likelihoods.py for the math, the same functions). ``ws`` is
+# _IN_LOOP where the caller has checked that the fused loop takes the whole batch (see _forward):
+# the fast function runs the loop without checking again (about 5 us a check at small batches).
+
+_IN_LOOP = object()
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 _LOG_2 = math.log(2.0)
@@ -250,7 +254,7 @@ def _cb_log_norm(s: Tensor, value: bool, grad: bool, ws=None) -> tuple[Tensor | 
 def _bernoulli_logits(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale) -> Tensor:
     """BCE on logits, ``softplus(s) - s*t``, per row. Writes ``scale * (sigmoid(s) - t)`` into d_s
     (accurate relative to itself at confident logits) and ``-scale * s`` into d_t."""
-    if _cpu_loops.takes(s, t):  # the fused loop (same math, one pass)
+    if ws is _IN_LOOP or _cpu_loops.takes(s, t):  # the fused loop (same math, one pass)
         rows = _cpu_loops.run("bernoulli_logits", s, t, d_s, scale)
         if d_t is not None:
             torch.mul(s, _constants((-scale,), s)[0], out=d_t)
@@ -357,7 +361,8 @@ def _gaussian(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale) -> Ten
     log_norm), or the per-element ``sig`` (log_norm = log sig + log(2 pi)/2). Gradients
     ``d_s = z / sigma = -d_t``, ``d_sig = (1 - z^2) / sigma``, times scale."""
     D = s.shape[1]
-    if sig is None and _cpu_loops.takes(s, t):  # the fused loop: sum (s - t)^2 and ks (s - t)
+    # the fused loop: sum (s - t)^2 and ks (s - t)
+    if sig is None and (ws is _IN_LOOP or _cpu_loops.takes(s, t)):
         # each row sum times k/2, plus D log_norm, inside the loop: the same two float64
         # roundings as two ATen ops after it, without their dispatch (-0.0 adds nothing)
         k = inv_sigma * inv_sigma
@@ -430,7 +435,7 @@ def _gaussian_grads(s, t, sig, inv_sigma, log_norm, want, scale):
 def _continuous_bernoulli(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale) -> Tensor:
     """The continuous Bernoulli on logits: ``bce(s, t) - log C(s)`` per row (see _cb_log_norm)."""
     D = s.shape[1]
-    if _cpu_loops.takes(s, t):  # the fused loop: bce - (log C - log 2) per element, the same math
+    if ws is _IN_LOOP or _cpu_loops.takes(s, t):  # the fused loop: bce - (log C - log 2) per element
         # minus D log 2 per row inside the loop (x + (-c) is x - c to the bit)
         rows = _cpu_loops.run("continuous_bernoulli", s, t, d_s, scale, 1.0, -(D * _LOG_2))
         if d_t is not None:
@@ -563,7 +568,7 @@ def _forward(recon, x, mu, logvar, sigma, args, want):
     bufs = [_grad_buffer(t, dt) if w else None for t, w in zip((recon, x, sigma), want)]
     if _loop_takes_all(likelihood, from_logits, sigma) and _cpu_loops.takes(recon, x):
         # one fused loop over the whole batch (x as it is, uint8 too), no chunks, no scratch
-        chunks, ws, t_ws, raw_x = [None], None, None, True
+        chunks, ws, t_ws, raw_x = [None], _IN_LOOP, None, True
     else:
         chunks = _row_chunks(B, D, likelihood)
         step = B if chunks[0] is None else chunks[0].stop

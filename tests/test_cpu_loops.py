@@ -328,6 +328,23 @@ def test_elbo_runs_the_loops_once_over_the_batch(monkeypatch):
             torch.testing.assert_close(got.double(), ref_grads[name], rtol=1e-5, atol=1e-9)
 
 
+def test_each_pair_is_checked_once(monkeypatch):
+    """A call checks that the loops can read (mu, logvar) and (recon, x) once each: the
+    likelihood's loop trusts the op's check (each check costs microseconds at small batches)."""
+    seen = []
+    real = _cpu_loops.takes
+    monkeypatch.setattr(_cpu_loops, "takes", lambda s, t: seen.append(tuple(s.shape)) or real(s, t))
+    g = torch.Generator().manual_seed(5)
+    recon, x = torch.randn(64, 784, generator=g), torch.rand(64, 784, generator=g)
+    mu, logvar = torch.randn(64, 20, generator=g), torch.randn(64, 20, generator=g)
+    for kw in (dict(), dict(likelihood="gaussian", sigma=0.5), dict(likelihood="continuous_bernoulli")):
+        seen.clear()
+        leaves = [t.clone().requires_grad_() for t in (recon, mu, logvar)]
+        loss = fastvae.elbo_loss(leaves[0], x, leaves[1], leaves[2], backend="torch", **kw)
+        torch.autograd.grad(loss, leaves)
+        assert seen == [(64, 20), (64, 784)], kw
+
+
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "continuous_bernoulli"])
 def test_special_values_as_the_aten_formulation(likelihood, monkeypatch):
     """Rows holding one NaN, +-inf or huge value among ordinary ones: per-row losses and
