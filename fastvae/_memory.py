@@ -57,13 +57,14 @@ def advise_huge_pages(t: Tensor) -> bool:
     off). The memory must be ``t``'s alone: only call it on a tensor just allocated."""
     if not ENABLED or t.device.type != "cpu":
         return False
-    n = t.untyped_storage().nbytes()
+    storage = t.untyped_storage()
+    n = storage.nbytes()
     if n < MIN_BYTES:
         return False
     libc = _libc_madvise()
     if not libc:
         return False
-    start = t.untyped_storage().data_ptr()
+    start = storage.data_ptr()
     lo = (start + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
     hi = (start + n) & ~(_HUGE_PAGE - 1)
     if hi <= lo:
