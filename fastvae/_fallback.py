@@ -495,7 +495,8 @@ def _kl_h(mu: Tensor, logvar: Tensor, free_bits: float) -> Tensor:
 
 
 def _kl_terms(mu: Tensor, logvar: Tensor, free_bits: float):
-    """(kl rows, kl_eff rows, the [L] float mask of the dims above the free-bits floor or None,
+    """(kl rows, kl_eff rows (float64 from the fused loop, else in logvar's dtype), the [L] float
+    mask of the dims above the free-bits floor or None,
     h = exp(logvar) - 1 (expm1), a buffer of the op's own); kl_eff_i = sum_k (KL_ik if active_k else
     free_bits). The KL is ``0.5 (h - logvar + mu^2)`` per element; ``h`` is d KL / d logvar
     times 2, kept for the backward. Without free bits, in float32 on CPU, one fused loop makes h
@@ -503,8 +504,7 @@ def _kl_terms(mu: Tensor, logvar: Tensor, free_bits: float):
     if _kl_loop(mu, logvar, free_bits):
         h = _memory.empty(logvar.shape, logvar.dtype)
         rows = _cpu_loops.run("gaussian_kl", logvar, mu, h, 1.0, 0.5)  # halved in the loop (exact)
-        kl = rows.to(logvar.dtype)
-        return kl, kl, None, h
+        return rows, rows, None, h
     h = torch.expm1(logvar)
     kl2 = torch.sub(h, logvar).addcmul_(mu, mu)              # 2 KL_ik
     if free_bits <= 0.0:
@@ -590,6 +590,14 @@ def _forward(recon, x, mu, logvar, sigma, args, want):
                 rec = torch.empty(B, dtype=torch.float64, device=recon.device)
             rec[c] = part
     same = kl_eff is kl  # no free bits: one KL, returned as two distinct outputs
+    if (same and reduction != "none" and dt == torch.float32 and rec.dtype == torch.float64
+            and kl.dtype == torch.float64 and rec.is_contiguous() and kl.is_contiguous()):
+        # the fused loops' float64 rows: the four totals in one call (_cpu_loops.totals)
+        terms = _cpu_loops.totals(rec, kl, float(B) if reduction == "batchmean" else 1.0, beta)
+        if terms is not None:
+            return terms, bufs, active, h
+    kl = _as(kl, dt)
+    kl_eff = kl if same else kl_eff
     if reduction != "none":  # the batch's sum (or mean) of the float64 rows, rounded once
         red = torch.sum if reduction == "sum" else torch.mean
         rec, kl, kl_eff = red(rec), red(kl), (None if same else red(kl_eff))

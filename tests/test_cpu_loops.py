@@ -303,11 +303,13 @@ def test_off_switch(monkeypatch):
 
 def test_elbo_runs_the_loops_once_over_the_batch(monkeypatch):
     """The op calls the loops once for a whole batch of several ATen chunks (the KL, then the
-    Bernoulli on logits, the Gaussian with a number sigma or the continuous Bernoulli; uint8 x) and
-    gives the oracle's loss and gradients."""
+    Bernoulli on logits, the Gaussian with a number sigma or the continuous Bernoulli; uint8 x),
+    then takes the batch's totals in one call, and gives the oracle's loss and gradients."""
     calls = []
-    real = _cpu_loops.run
+    real, real_totals = _cpu_loops.run, _cpu_loops.totals
     monkeypatch.setattr(_cpu_loops, "run", lambda e, s, *a: calls.append((e, s.shape[0])) or real(e, s, *a))
+    monkeypatch.setattr(_cpu_loops, "totals",
+                        lambda r, k, *a: calls.append(("totals", r.shape[0])) or real_totals(r, k, *a))
     B = 3 * _fallback._chunk_rows(784) + 7
     g = torch.Generator().manual_seed(4)
     recon = 2.0 * torch.randn(B, 784, generator=g)
@@ -321,7 +323,7 @@ def test_elbo_runs_the_loops_once_over_the_batch(monkeypatch):
         go = torch.tensor(0.7)
         grads = torch.autograd.grad(loss, leaves, go)
         name = kw.get("likelihood", "bernoulli_logits")
-        assert calls == [("gaussian_kl", B), (name, B)]
+        assert calls == [("gaussian_kl", B), (name, B), ("totals", B)]
         ref, ref_grads = oracle.elbo(recon, x, mu, logvar, reduction="batchmean", grad_output=go, **kw)
         torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=0)
         for name, got in zip(("recon", "mu", "logvar"), grads):
@@ -373,3 +375,52 @@ def test_special_values_as_the_aten_formulation(likelihood, monkeypatch):
         assert torch.equal(a[a.isinf()], b[b.isinf()])
         finite = a.isfinite()
         torch.testing.assert_close(a[finite], b[finite], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("R", [1, 15, 16, 17, 1100])
+def test_totals_are_the_float64_sums_rounded_once(R):
+    """(loss, reconstruction, kl, kl) from the float64 rows: each within one float32 rounding of
+    the exact sums (math.fsum) divided by div, the loss A + beta K; four distinct 0-dim float32
+    tensors."""
+    g = torch.Generator().manual_seed(R)
+    rec = 50.0 + 600.0 * torch.rand(R, dtype=torch.float64, generator=g)
+    kl = 30.0 * torch.rand(R, dtype=torch.float64, generator=g) - 1.0  # a negative row too
+    for div, beta in ((1.0, 1.0), (float(R), 1.0), (1.0, 0.3), (float(R), 4.0), (3.0, 0.0)):
+        out = _cpu_loops.totals(rec, kl, div, beta)
+        A, K = math.fsum(rec.tolist()) / div, math.fsum(kl.tolist()) / div
+        for got, want in zip(out, (A + beta * K, A, K, K)):
+            assert got.dtype == torch.float32 and got.dim() == 0
+            assert abs(got.item() - want) <= F32_EPS * abs(want) * (1 + 1e-9), (div, beta, got, want)
+        assert len({t.data_ptr() for t in out}) == 4
+        again = _cpu_loops.totals(rec, kl, div, beta)
+        assert all(torch.equal(a, b) for a, b in zip(out, again))
+
+
+def test_totals_special_values():
+    """beta = 0 keeps an infinite KL out of the loss (as ``rec.clone()`` did); NaN and inf
+    propagate to the terms they are in."""
+    rec = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    kl = torch.tensor([0.5, math.inf, 1.0], dtype=torch.float64)
+    loss, a, k, k2 = _cpu_loops.totals(rec, kl, 1.0, 0.0)
+    assert loss.item() == 6.0 and a.item() == 6.0 and k.item() == math.inf and k2.item() == math.inf
+    assert _cpu_loops.totals(rec, kl, 1.0, 1.0)[0].item() == math.inf
+    rec[1] = math.nan
+    loss, a, k, _ = _cpu_loops.totals(rec, kl, 1.0, 0.0)
+    assert math.isnan(loss.item()) and math.isnan(a.item()) and k.item() == math.inf
+
+
+@pytest.mark.parametrize("kw", [dict(reduction="none"), dict(free_bits=0.1), dict(reduction="sum")])
+def test_totals_only_for_the_loops_rows_reduced(monkeypatch, kw):
+    """The op takes the totals in one call for a reduced loss whose KL came from the fused loop;
+    per-row outputs and the free-bits KL (ATen's) keep the ATen ops. The values are the oracle's
+    either way."""
+    calls = []
+    real = _cpu_loops.totals
+    monkeypatch.setattr(_cpu_loops, "totals", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(6)
+    recon, x = torch.randn(40, 784, generator=g), torch.rand(40, 784, generator=g)
+    mu, logvar = torch.randn(40, 20, generator=g), torch.randn(40, 20, generator=g)
+    out = fastvae.elbo_loss(recon, x, mu, logvar, backend="torch", return_components=True, **kw)
+    assert calls == ([1] if kw == dict(reduction="sum") else [])
+    ref, _ = oracle.elbo(recon, x, mu, logvar, **kw)
+    torch.testing.assert_close(out.loss.double(), ref, rtol=1e-6, atol=0)
