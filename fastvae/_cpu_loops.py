@@ -487,8 +487,19 @@ _PAR_SIGNATURE = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 4), *([ctypes.c_in
                                   ctypes.c_double, ctypes.c_double, ctypes.c_int32)
 _OPENMP_SYMBOLS = ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # reentrant: a build under it looks up the OpenMP runtime through _once
 _state: dict = {}
+
+
+def _once(key, make, *args):
+    """``_state[key]``, made by ``make(*args)`` on first use (once, whatever the threads)."""
+    value = _state.get(key, False)
+    if value is False:
+        with _lock:
+            value = _state.get(key, False)
+            if value is False:
+                value = _state[key] = make(*args)
+    return value
 
 
 def _names(element: str, target: str):
@@ -549,13 +560,7 @@ def _build(element: str, target: str):
     """Compile ``element``'s loops for targets ``target`` ("f32" or "u8") for the host CPU:
     {grad: (ctypes function, its OpenMP-parallel twin or None)}, or None where llvmlite is
     missing or fails."""
-    if "omp" not in _state:
-        try:
-            import llvmlite.binding  # noqa: F401  (no runtime lookup without the compiler)
-        except ImportError:
-            return None
-        _state["omp"] = _openmp()
-    omp = _state["omp"]
+    omp = _once("omp", _openmp)
     t_ty = "i8" if target == "u8" else "float"
     source = _HEADER + "".join(_kernel(name, _ELEMENTS[element], target, g, _TWO_PASS.get(element))
                                for g, name in _names(element, target))
@@ -614,6 +619,12 @@ _TOTALS_SIGNATURE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, cty
                                      ctypes.c_double, *([ctypes.c_void_p] * 4))
 
 
+def _build_totals():
+    """The compiled :func:`totals` (ctypes), or None where llvmlite is missing or fails."""
+    engine = _compile(_TOTALS_IR, None)
+    return None if engine is None else _TOTALS_SIGNATURE(engine.get_function_address("totals"))
+
+
 def totals(rec: Tensor, kl: Tensor, div: float, beta: float) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
     """The four reduced terms of the ELBO from its float64 rows ``rec`` and ``kl`` ([R], contiguous,
     CPU), in one call where ATen takes six ops: float32 0-dim tensors (loss, reconstruction, kl,
@@ -623,14 +634,7 @@ def totals(rec: Tensor, kl: Tensor, div: float, beta: float) -> tuple[Tensor, Te
     compile (then the caller's ATen ops serve)."""
     if not ENABLED:
         return None
-    fn = _state.get("totals", False)
-    if fn is False:
-        with _lock:
-            fn = _state.get("totals", False)
-            if fn is False:
-                engine = _compile(_TOTALS_IR, None)
-                fn = _state["totals"] = (None if engine is None
-                                         else _TOTALS_SIGNATURE(engine.get_function_address("totals")))
+    fn = _once("totals", _build_totals)
     if fn is None:
         return None
     out = tuple(torch.empty((), dtype=torch.float32) for _ in range(4))
@@ -640,14 +644,7 @@ def totals(rec: Tensor, kl: Tensor, div: float, beta: float) -> tuple[Tensor, Te
 
 def _functions(element: str = "bernoulli_logits", target: str = "f32"):
     """``element``'s compiled loops for ``target`` (see :func:`_build`), compiled on first use."""
-    key = (element, target)
-    fns = _state.get(key, False)
-    if fns is False:
-        with _lock:
-            fns = _state.get(key, False)
-            if fns is False:
-                fns = _state[key] = _build(element, target)
-    return fns
+    return _once((element, target), _build, element, target)
 
 
 def available() -> bool:
