@@ -58,6 +58,8 @@ import torch
 
 from fastvae._backend import hardware_name
 
+from .levels import level_env
+
 HERE = Path(__file__).resolve().parent
 MAX_ROUNDS = 1000
 
@@ -87,6 +89,12 @@ THREADS_ENV = "FASTVAE_BENCH_THREADS"
 DRIVER_OPTIONS = ("--fastvae-cpu-levels", "--fastvae-threads")
 
 
+if os.environ.get("ATEN_CPU_CAPABILITY") and not os.environ.get(CHILD_ENV):
+    # a level forced by hand (its children get theirs from the driver below): torch.compile's cache
+    # of this level's own (benchmarks/levels.py)
+    os.environ.update(level_env(os.environ["ATEN_CPU_CAPABILITY"]))
+
+
 def _split(value):
     return [v.strip() for v in value.split(",") if v.strip()] if value else []
 
@@ -102,7 +110,7 @@ def cpu_capability() -> str:
 def level_runs(level: str) -> bool:
     """Whether ATen can run at ``level`` on this CPU: forcing a level the CPU lacks kills the
     process with SIGILL, so try it in a throwaway one."""
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=level)
+    env = level_env(level)
     code = "import torch; x = torch.rand(4096); (x.exp() + x.log1p() + x.sigmoid()).sum().item()"
     try:
         return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
@@ -146,7 +154,7 @@ def pytest_cmdline_main(config):
         for n in threads or [None]:
             env = dict(os.environ, **{CHILD_ENV: "1"})
             if level is not None:
-                env["ATEN_CPU_CAPABILITY"] = level
+                env = level_env(level, env)  # with an Inductor cache of the level's own
             if n is not None:
                 env[THREADS_ENV] = str(int(n))
             print(f"fastvae: running the suite with ATEN_CPU_CAPABILITY={level or '(default)'}, "

@@ -48,6 +48,11 @@ try:
 except ImportError:  # not on Windows
     resource = None
 
+if __package__:
+    from .levels import level_env
+else:  # run as a script (python benchmarks/cpu_fallback.py): its folder is on sys.path
+    from levels import level_env
+
 FEATURES, LATENT = 784, 20
 
 
@@ -176,7 +181,7 @@ def main(argv=None) -> int:
     rc = 0
     for level in args.levels.split(","):
         for n in args.threads.split(","):
-            env = dict(os.environ, ATEN_CPU_CAPABILITY=level, FASTVAE_THREADS=n)
+            env = dict(level_env(level), FASTVAE_THREADS=n)  # an Inductor cache per level
             if args.thp:
                 env["THP_MEM_ALLOC_ENABLE"] = "1"
             r = subprocess.run([sys.executable, __file__, "--child", "--sizes", args.sizes,

@@ -97,3 +97,27 @@ def test_thp_flag_sets_pytorchs_variable_in_the_children(monkeypatch, thp):
     assert cpu_fallback.main(argv) == 0
     assert [(e["ATEN_CPU_CAPABILITY"], e["FASTVAE_THREADS"]) for e in envs] == [("avx2", "1"), ("avx2", "2")]
     assert all(e.get("THP_MEM_ALLOC_ENABLE") == ("1" if thp else None) for e in envs)
+
+
+@pytest.mark.parametrize("user_dir", [None, "/somewhere/inductor"])
+def test_each_level_gets_an_inductor_cache_of_its_own(monkeypatch, user_dir):
+    """Each level's children compile into their own Inductor cache (benchmarks/levels.py: a
+    process at one level aborted on what another level had cached), under the caller's
+    TORCHINDUCTOR_CACHE_DIR where one is set."""
+    if user_dir is None:
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    else:
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", user_dir)
+    envs = []
+
+    class Done:
+        returncode = 0
+
+    monkeypatch.setattr(cpu_fallback.subprocess, "run", lambda cmd, env: envs.append(env) or Done())
+    assert cpu_fallback.main(["--levels", "avx2,avx512", "--threads", "1,2"]) == 0
+    dirs = [e["TORCHINDUCTOR_CACHE_DIR"] for e in envs]
+    assert dirs[0] == dirs[1] and dirs[2] == dirs[3] and dirs[0] != dirs[2]
+    assert [d.rsplit("/", 1)[-1] for d in dirs[::2]] == ["aten-avx2", "aten-avx512"]
+    if user_dir is not None:
+        assert all(d.startswith(user_dir + "/") for d in dirs)
+    assert [e["ATEN_CPU_CAPABILITY"] for e in envs] == ["avx2", "avx2", "avx512", "avx512"]
