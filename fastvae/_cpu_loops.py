@@ -32,7 +32,9 @@ flat array, then sums each row from h (the same arithmetic and bits; 2-2.7x fast
 
 A reduced loss takes its four totals from the float64 rows in one more call (:func:`totals`),
 where ATen would take six small ops (about 40-50 us of a 400 us call at B = 128 on this
-project's 2-core EPYC).
+project's 2-core EPYC). The common case, a reduced float32 loss without free bits, runs whole
+through :func:`elbo`: the likelihood's loop, the KL's and the totals, three compiled calls with no
+ATen op between them and four tensors made (the rows of both sums share one buffer).
 
 Row sums accumulate in float64 over 16 lanes in a fixed order (the loop is vectorised 16 wide on
 every CPU: two 8-float registers with AVX2, one with AVX-512), so the loss is bitwise reproducible,
@@ -58,6 +60,8 @@ import threading
 
 import torch
 from torch import Tensor
+
+from . import _memory
 
 ENABLED = os.environ.get("FASTVAE_CPU_LOOPS", "1") != "0"
 
@@ -578,8 +582,8 @@ def _build(element: str, target: str):
 
 _TOTALS_IR = _HEADER + """
 define void @totals(ptr noalias nocapture readonly %a, ptr noalias nocapture readonly %b, i64 %R,
-                    double %div, double %beta, ptr noalias nocapture %loss, ptr noalias nocapture %ra,
-                    ptr noalias nocapture %rb, ptr noalias nocapture %rb2) nounwind {
+                    double %div, double %beta, ptr noalias nocapture %loss, ptr noalias %ra,
+                    ptr noalias %rb, ptr noalias %rb2) nounwind {
 entry:
   %any = icmp sgt i64 %R, 0
   br i1 %any, label %loop, label %done
@@ -609,9 +613,14 @@ done:
   %taf = fptrunc double %ta to float
   %tbf = fptrunc double %tb to float
   store float %lf, ptr %loss
+  %terms = icmp ne ptr %ra, null
+  br i1 %terms, label %store_terms, label %end
+store_terms:
   store float %taf, ptr %ra
   store float %tbf, ptr %rb
   store float %tbf, ptr %rb2
+  br label %end
+end:
   ret void
 }
 """
@@ -632,13 +641,17 @@ def totals(rec: Tensor, kl: Tensor, div: float, beta: float) -> tuple[Tensor, Te
     ``A + beta K`` (``A`` when beta is 0, so that an infinite KL does not reach it), each summed in
     float64 (16 lanes, a fixed order) and rounded once. None where the loops are off or do not
     compile (then the caller's ATen ops serve)."""
-    if not ENABLED:
+    if not ENABLED or _once("totals", _build_totals) is None:
         return None
-    fn = _once("totals", _build_totals)
-    if fn is None:
-        return None
-    out = tuple(torch.empty((), dtype=torch.float32) for _ in range(4))
-    fn(rec.data_ptr(), kl.data_ptr(), rec.shape[0], div, beta, *(t.data_ptr() for t in out))
+    return _totals(rec.data_ptr(), kl.data_ptr(), rec.shape[0], div, beta, True)
+
+
+def _totals(rec: int, kl: int, R: int, div: float, beta: float, terms: bool) -> tuple[Tensor, ...]:
+    """:func:`totals` on the addresses of the rows: the four terms, or the loss alone (a 1-tuple)
+    where ``terms`` is False (the other three are not written)."""
+    out = tuple(torch.empty((), dtype=torch.float32) for _ in range(4 if terms else 1))
+    ptrs = [t.data_ptr() for t in out] if terms else (out[0].data_ptr(), None, None, None)
+    _state["totals"](rec, kl, R, div, beta, *ptrs)
     return out
 
 
@@ -648,8 +661,9 @@ def _functions(element: str = "bernoulli_logits", target: str = "f32"):
 
 
 def available() -> bool:
-    """Whether the loops are on and compile (compiles the Bernoulli's on the first call)."""
-    return ENABLED and _functions() is not None
+    """Whether the loops are on and compile (compiles the Bernoulli's and :func:`totals` on the
+    first call)."""
+    return ENABLED and _functions() is not None and _once("totals", _build_totals) is not None
 
 
 # torch.func's check for its wrapper tensors (absent from some torch builds): looked up once
@@ -692,17 +706,41 @@ def run(element: str, s: Tensor, t: Tensor, d: Tensor | None, scale: float, row_
         raise ValueError("fastvae internal: the loop's gradient buffer must be float32 [R, D] "
                          "with unit column stride")
     rows = torch.empty(R, dtype=torch.float64)
-    if R == 0:
-        return rows
+    if R > 0:
+        _launch(element, s, t, d, rows.data_ptr(), scale, row_mul, row_add)
+    return rows
+
+
+def _launch(element: str, s: Tensor, t: Tensor, d: Tensor | None, rows: int, scale: float,
+            row_mul: float, row_add: float) -> None:
+    """:func:`run` into the float64 rows at address ``rows``, without checking d (R >= 1)."""
+    R, D = s.shape
     fns = _functions(element, "u8" if t.dtype == torch.uint8 else "f32")
     if fns is None:
         raise RuntimeError(f"fastvae internal: the {element} loop did not compile")
     serial, parallel = fns[d is not None]
-    args = (s.data_ptr(), t.data_ptr(), 0 if d is None else d.data_ptr(), rows.data_ptr(),
+    args = (s.data_ptr(), t.data_ptr(), 0 if d is None else d.data_ptr(), rows,
             R, D, s.stride(0), t.stride(0), 0 if d is None else d.stride(0), scale, row_mul, row_add)
     threads = min(torch.get_num_threads(), R) if R * D >= _PARALLEL_MIN else 1
     if threads > 1 and parallel is not None:
         parallel(*args, threads)
     else:
         serial(*args)
-    return rows
+
+
+def elbo(element: str, s: Tensor, t: Tensor, d: Tensor | None, scale: float, row_mul: float,
+         row_add: float, logvar: Tensor, mu: Tensor, div: float, beta: float,
+         terms: bool) -> tuple[tuple[Tensor, ...], Tensor]:
+    """A reduced ELBO's whole forward in three compiled calls, with no ATen op between them:
+    ``element``'s loop over (s, t) as :func:`run` (d written where given), the KL's loop over
+    (logvar, mu) writing ``h = expm1(logvar)``, and the :func:`totals` of both. Returns (the loss,
+    or the four terms where ``terms``; h). The caller has checked both pairs with :func:`takes`
+    and made d (R >= 1). The rows of both sums share one float64 buffer, so the call makes four
+    tensors (rows, h, the loss) where run, run and totals made eight (ten with the four terms)."""
+    R, L = mu.shape
+    rows = torch.empty(2 * R, dtype=torch.float64)
+    h = _memory.empty((R, L), torch.float32)
+    rec, kl = rows.data_ptr(), rows.data_ptr() + 8 * R
+    _launch(element, s, t, d, rec, scale, row_mul, row_add)
+    _launch("gaussian_kl", logvar, mu, h, kl, 1.0, 0.5, -0.0)  # halved in the loop (exact)
+    return _totals(rec, kl, R, div, beta, terms), h

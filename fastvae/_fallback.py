@@ -47,8 +47,11 @@ plain torch ops only (no compile step, no C++ toolchain):
 Each likelihood's math sits in one small function (``_bernoulli_logits``, ``_bernoulli_probs``,
 ``_gaussian``, ``_continuous_bernoulli``) that returns a chunk's per-row NLL and writes its
 gradients, with an out-of-place twin of its derivatives for the recompute path. The op returns
-four tensors ``(loss, reconstruction, kl, kl_eff)`` (see :func:`elbo`), whose backward forms every
-gradient from the one precomputed per-element derivative and the grad_output of each term.
+four tensors ``(loss, reconstruction, kl, kl_eff)`` (see :func:`elbo`), or the loss alone where
+the caller asks for nothing else (``elbo_loss`` without components: one output tensor, and
+autograd's bookkeeping for one), whose backward forms every gradient from the one precomputed
+per-element derivative and the grad_output of each term. A reduced float32 loss without free
+bits and without d x runs its whole forward as three compiled calls (:func:`_cpu_loops.elbo`).
 """
 from __future__ import annotations
 
@@ -251,11 +254,26 @@ def _cb_log_norm(s: Tensor, value: bool, grad: bool, ws=None) -> tuple[Tensor | 
     return log_c, d_log_c
 
 
+def _loop_args(likelihood: str, inv_sigma: float, log_norm: float, D: int, scale: float):
+    """(element, scale, row_mul, row_add) of ``likelihood``'s fused loop over rows of D elements
+    (see _cpu_loops.run): the Gaussian's row sums of (s - t)^2 times k/2 plus D log_norm inside the
+    loop (the same two float64 roundings as two ATen ops after it; -0.0 adds nothing), its gradient
+    ks (s - t); the continuous Bernoulli's bce - (log C - log 2) minus D log 2 per row (x + (-c) is
+    x - c to the bit)."""
+    if likelihood == "gaussian":
+        k = inv_sigma * inv_sigma
+        return "gaussian", k * scale, 0.5 * k, D * log_norm if log_norm != 0.0 else -0.0
+    if likelihood == "continuous_bernoulli":
+        return "continuous_bernoulli", scale, 1.0, -(D * _LOG_2)
+    return "bernoulli_logits", scale, 1.0, -0.0
+
+
 def _bernoulli_logits(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale) -> Tensor:
     """BCE on logits, ``softplus(s) - s*t``, per row. Writes ``scale * (sigmoid(s) - t)`` into d_s
     (accurate relative to itself at confident logits) and ``-scale * s`` into d_t."""
     if ws is _IN_LOOP or _cpu_loops.takes(s, t):  # the fused loop (same math, one pass)
-        rows = _cpu_loops.run("bernoulli_logits", s, t, d_s, scale)
+        element, *loop = _loop_args("bernoulli", inv_sigma, log_norm, s.shape[1], scale)
+        rows = _cpu_loops.run(element, s, t, d_s, *loop)
         if d_t is not None:
             torch.mul(s, _constants((-scale,), s)[0], out=d_t)
         return rows
@@ -363,11 +381,9 @@ def _gaussian(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale) -> Ten
     D = s.shape[1]
     # the fused loop: sum (s - t)^2 and ks (s - t)
     if sig is None and (ws is _IN_LOOP or _cpu_loops.takes(s, t)):
-        # each row sum times k/2, plus D log_norm, inside the loop: the same two float64
-        # roundings as two ATen ops after it, without their dispatch (-0.0 adds nothing)
-        k = inv_sigma * inv_sigma
         g = d_s if d_s is not None else d_t
-        rows = _cpu_loops.run("gaussian", s, t, g, k * scale, 0.5 * k, D * log_norm if log_norm != 0.0 else -0.0)
+        element, *loop = _loop_args("gaussian", inv_sigma, log_norm, D, scale)
+        rows = _cpu_loops.run(element, s, t, g, *loop)
         if d_t is not None:
             torch.neg(g, out=d_t)
         return rows
@@ -436,8 +452,8 @@ def _continuous_bernoulli(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, s
     """The continuous Bernoulli on logits: ``bce(s, t) - log C(s)`` per row (see _cb_log_norm)."""
     D = s.shape[1]
     if ws is _IN_LOOP or _cpu_loops.takes(s, t):  # the fused loop: bce - (log C - log 2) per element
-        # minus D log 2 per row inside the loop (x + (-c) is x - c to the bit)
-        rows = _cpu_loops.run("continuous_bernoulli", s, t, d_s, scale, 1.0, -(D * _LOG_2))
+        element, *loop = _loop_args("continuous_bernoulli", inv_sigma, log_norm, D, scale)
+        rows = _cpu_loops.run(element, s, t, d_s, *loop)
         if d_t is not None:
             torch.mul(s, _constants((-scale,), s)[0], out=d_t)
         return rows
@@ -554,18 +570,29 @@ def _grad_buffer(t: Tensor, dt: torch.dtype) -> Tensor:
     return _memory.empty(t.shape, dt, t.device)
 
 
-def _forward(recon, x, mu, logvar, sigma, args, want):
+def _forward(recon, x, mu, logvar, sigma, args, want, terms=True):
     """((loss, reconstruction, kl, kl_eff), (d recon, d x, d sigma), active, h): the four terms
-    reduced like the op's output (four distinct tensors) and, where ``want`` (for recon, x,
-    sigma), the likelihood's gradients for ``(g0 + g1) = 1`` (scale of the reduction included), in
-    the compute dtype; ``h = exp(logvar) - 1`` (see _kl_terms)."""
+    reduced like the op's output (four distinct tensors; ``(loss,)`` alone where ``terms`` is
+    False) and, where ``want`` (for recon, x, sigma), the likelihood's gradients for
+    ``(g0 + g1) = 1`` (scale of the reduction included), in the compute dtype;
+    ``h = exp(logvar) - 1`` (see _kl_terms)."""
     inv_sigma, log_norm, beta, free_bits, likelihood, from_logits, reduction = args
     dt = _compute_dtype(recon)
     B, D = recon.shape
     scale = 1.0 / B if reduction == "batchmean" else 1.0
+    bufs = [_grad_buffer(t, dt) if w else None for t, w in zip((recon, x, sigma), want)]
+    if (reduction != "none" and free_bits <= 0.0 and not want[1]
+            and _loop_takes_all(likelihood, from_logits, sigma)
+            and _cpu_loops.takes(logvar, mu) and _cpu_loops.takes(recon, x)):
+        # the common case (a reduced loss, float32, no free bits, no d x): the likelihood's loop,
+        # the KL's and the totals in three compiled calls, no ATen op between them (at B = 128
+        # most of the op's time is such fixed costs)
+        loop = _loop_args(likelihood, inv_sigma, log_norm, D, scale)
+        out, h = _cpu_loops.elbo(*loop[:1], recon, x, bufs[0], *loop[1:], logvar, mu,
+                                 float(B) if reduction == "batchmean" else 1.0, beta, terms)
+        return out, bufs, None, h
     fast = _likelihood(likelihood, from_logits)[0]
     kl, kl_eff, active, h = _kl_terms(_as(mu, dt), _as(logvar, dt), free_bits)
-    bufs = [_grad_buffer(t, dt) if w else None for t, w in zip((recon, x, sigma), want)]
     if _loop_takes_all(likelihood, from_logits, sigma) and _cpu_loops.takes(recon, x):
         # one fused loop over the whole batch (x as it is, uint8 too), no chunks, no scratch
         chunks, ws, t_ws, raw_x = [None], _IN_LOOP, None, True
@@ -653,11 +680,13 @@ def _is_one(grad: Tensor) -> bool:
 
 
 class ELBOFunction(torch.autograd.Function):
-    """(loss, reconstruction, kl, kl_eff), each reduced over the batch (0-dim) or per row ([B]);
-    2-D inputs (recon, x [B, N]; mu, logvar [B, L]; sigma None or [B, N])."""
+    """(loss, reconstruction, kl, kl_eff), each reduced over the batch (0-dim) or per row ([B]),
+    or the loss alone where ``terms`` is False (one output: the others cost a tensor each and
+    autograd's bookkeeping for them); 2-D inputs (recon, x [B, N]; mu, logvar [B, L]; sigma None
+    or [B, N])."""
 
     @staticmethod
-    def forward(ctx, recon, x, mu, logvar, sigma, args, grad_enabled: bool):
+    def forward(ctx, recon, x, mu, logvar, sigma, args, grad_enabled: bool, terms: bool = True):
         # the likelihood's gradients are precomputed only when a backward will come (grad mode was
         # on outside the Function and an input requires grad), and never under tracing
         need = ctx.needs_input_grad
@@ -669,20 +698,21 @@ class ELBOFunction(torch.autograd.Function):
         # autocast-safe: the loss is always computed in fp32 (or fp64), whatever autocast is on
         dev = recon.device.type
         with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else nullcontext():
-            terms, bufs, active, h = _forward(recon, x, mu, logvar, sigma, args,
-                                              want if single_pass else (False,) * 3)
+            out, bufs, active, h = _forward(recon, x, mu, logvar, sigma, args,
+                                            want if single_pass else (False,) * 3, terms)
         ctx.save_for_backward(recon, x, mu, logvar, sigma)
         ctx.args = args
         ctx.active = active
-        ctx.dtypes = (recon.dtype, x.dtype, mu.dtype, logvar.dtype,
-                      None if sigma is None else sigma.dtype)
         ctx.single = (bufs, h) if single_pass else None
-        return terms
+        ctx.terms = terms
+        return out if terms else out[0]
 
     @staticmethod
     def backward(ctx, *gs):
-        if all(t is None for t in gs):  # no output reached (gradcheck tries it)
-            return (None,) * 7
+        if not ctx.terms:  # the loss alone: the other terms' grad_outputs are None
+            gs = (gs[0], None, None, None)
+        if gs[0] is None and all(t is None for t in gs):  # no output reached (gradcheck tries it)
+            return (None,) * 8
         args = ctx.args
         beta, reduction = args[2], args[-1]
         want = ctx.needs_input_grad[:5]
@@ -717,10 +747,9 @@ class ELBOFunction(torch.autograd.Function):
                     half = 0.5 * w
                 grads[2] = torch.mul(_as(saved[2], dt), w) if want[2] else None
                 grads[3] = h.mul_(half) if want[3] else None  # h is the op's own
-        # each gradient in its input's dtype (no copy when the buffer already is)
-        out = [None if t is None or not w else _as(t, dt) for t, dt, w in zip(grads, ctx.dtypes, want)]
-        del grads
-        return (*out, None, None)
+        # in the compute dtype, each None where its input wants none: autograd casts each one to
+        # its input's dtype (and passes it as it is where it already is)
+        return (*grads, None, None, None)
 
 
 class ELBOFunctionJvp(ELBOFunction):
@@ -729,10 +758,10 @@ class ELBOFunctionJvp(ELBOFunction):
     Function that defines ``jvp``, so torch.compile keeps ELBOFunction."""
 
     @staticmethod
-    def forward(ctx, recon, x, mu, logvar, sigma, args, grad_enabled: bool):
-        terms = ELBOFunction.forward(ctx, recon, x, mu, logvar, sigma, args, grad_enabled)
+    def forward(ctx, recon, x, mu, logvar, sigma, args, grad_enabled: bool, terms: bool = True):
+        out = ELBOFunction.forward(ctx, recon, x, mu, logvar, sigma, args, grad_enabled, terms)
         ctx.save_for_forward(recon, x, mu, logvar, sigma)
-        return terms
+        return out
 
     @staticmethod
     def jvp(ctx, *tangents):
@@ -754,19 +783,23 @@ class ELBOFunctionJvp(ELBOFunction):
                     prod = (d * _as(t, dt)).reshape(B, -1)
                     total = total + (prod.sum(1) if reduction == "none" else prod.sum())
             out.append(total)
+            if not ctx.terms:  # the loss alone
+                return total
         return tuple(out)
 
 
 def elbo(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, sigma: Tensor | None, inv_sigma: float,
          log_norm: float, beta: float, free_bits: float, likelihood: str, from_logits: bool,
-         reduction: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+         reduction: str, terms: bool = True) -> tuple[Tensor, ...]:
     """The backend contract (README, kernels/likelihoods.py): ``(loss, reconstruction, kl,
     kl_eff)``, each reduced over the batch (0-dim) or per row ([B], reduction="none"), float32
-    (float64 for float64 recon); differentiable w.r.t. recon, x, mu, logvar and sigma."""
+    (float64 for float64 recon); differentiable w.r.t. recon, x, mu, logvar and sigma. ``(loss,)``
+    alone where ``terms`` is False (the same loss, to the bit)."""
     args = (float(inv_sigma), float(log_norm), float(beta), float(free_bits), likelihood,
             bool(from_logits), reduction)
     fn = ELBOFunctionJvp if _backend.forward_ad_on() else ELBOFunction
-    return fn.apply(recon, x, mu, logvar, sigma, args, torch.is_grad_enabled())
+    out = fn.apply(recon, x, mu, logvar, sigma, args, torch.is_grad_enabled(), terms)
+    return out if terms else (out,)
 
 
 def reparameterize(mu: Tensor, logvar: Tensor, eps: Tensor) -> Tensor:

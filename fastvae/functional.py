@@ -206,7 +206,8 @@ def elbo_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, reduction
         out = _triton_ops.elbo_apply(r2, x2, mu, logvar, *args, grad, grad and x.requires_grad,
                                      grad and sig is not None and sig.requires_grad)[0]
     else:
-        out = _fallback.elbo(r2, x2, mu, logvar, *args)  # a tuple of the four
+        # the loss alone where the caller wants nothing else (one output tensor instead of four)
+        out = _fallback.elbo(r2, x2, mu, logvar, *args, terms=return_components or beta_t is not None)
     loss = out[0] if beta_t is None else out[1] + beta_t.to(device=out[1].device, dtype=out[1].dtype) * out[3]
     if return_components:
         return ELBOComponents(loss, out[1], out[2])

@@ -304,14 +304,14 @@ def test_off_switch(monkeypatch):
 
 
 def test_elbo_runs_the_loops_once_over_the_batch(monkeypatch):
-    """The op calls the loops once for a whole batch of several ATen chunks (the KL, then the
-    Bernoulli on logits, the Gaussian with a number sigma or the continuous Bernoulli; uint8 x),
+    """The op calls the loops once for a whole batch of several ATen chunks (the Bernoulli on
+    logits, the Gaussian with a number sigma or the continuous Bernoulli, uint8 x; then the KL),
     then takes the batch's totals in one call, and gives the oracle's loss and gradients."""
     calls = []
-    real, real_totals = _cpu_loops.run, _cpu_loops.totals
-    monkeypatch.setattr(_cpu_loops, "run", lambda e, s, *a: calls.append((e, s.shape[0])) or real(e, s, *a))
-    monkeypatch.setattr(_cpu_loops, "totals",
-                        lambda r, k, *a: calls.append(("totals", r.shape[0])) or real_totals(r, k, *a))
+    real, real_totals = _cpu_loops._launch, _cpu_loops._totals
+    monkeypatch.setattr(_cpu_loops, "_launch", lambda e, s, *a: calls.append((e, s.shape[0])) or real(e, s, *a))
+    monkeypatch.setattr(_cpu_loops, "_totals",
+                        lambda r, k, R, *a: calls.append(("totals", R)) or real_totals(r, k, R, *a))
     B = 3 * _fallback._chunk_rows(784) + 7
     g = torch.Generator().manual_seed(4)
     recon = 2.0 * torch.randn(B, 784, generator=g)
@@ -325,7 +325,7 @@ def test_elbo_runs_the_loops_once_over_the_batch(monkeypatch):
         go = torch.tensor(0.7)
         grads = torch.autograd.grad(loss, leaves, go)
         name = kw.get("likelihood", "bernoulli_logits")
-        assert calls == [("gaussian_kl", B), (name, B), ("totals", B)]
+        assert calls == [(name, B), ("gaussian_kl", B), ("totals", B)]
         ref, ref_grads = oracle.elbo(recon, x, mu, logvar, reduction="batchmean", grad_output=go, **kw)
         torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=0)
         for name, got in zip(("recon", "mu", "logvar"), grads):
@@ -417,8 +417,8 @@ def test_totals_only_for_the_loops_rows_reduced(monkeypatch, kw):
     per-row outputs and the free-bits KL (ATen's) keep the ATen ops. The values are the oracle's
     either way."""
     calls = []
-    real = _cpu_loops.totals
-    monkeypatch.setattr(_cpu_loops, "totals", lambda *a: calls.append(1) or real(*a))
+    real = _cpu_loops._totals
+    monkeypatch.setattr(_cpu_loops, "_totals", lambda *a: calls.append(1) or real(*a))
     g = torch.Generator().manual_seed(6)
     recon, x = torch.randn(40, 784, generator=g), torch.rand(40, 784, generator=g)
     mu, logvar = torch.randn(40, 20, generator=g), torch.randn(40, 20, generator=g)

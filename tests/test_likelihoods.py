@@ -597,6 +597,61 @@ def test_forward_mode_ad_matches_oracle(backend_device, case, reduction):
                                    atol=1e-5 * scale.max().item(), msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("formulation", ["loops", "aten"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_loss_alone_is_the_four_term_forms_loss(case, reduction, formulation, monkeypatch):
+    """Without return_components the fallback's op makes the loss alone (one output): the same
+    bits as the loss of return_components=True, and the same gradients, with a non-unit
+    grad_output and a second backward of the graph (the recompute path)."""
+    from conftest import use_formulation
+
+    use_formulation(formulation, monkeypatch)
+    likelihood, from_logits, sigma = case
+    inputs = make(likelihood, from_logits, (7, 50), 4, device="cpu", seed=25)
+    kw = dict(reduction=reduction, beta=0.6, likelihood=likelihood, sigma=sigma, from_logits=from_logits,
+              backend="torch")
+    go = torch.linspace(0.5, 1.5, 7) if reduction == "none" else torch.tensor(0.7)
+    results = []
+    for terms in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (inputs[0], inputs[2], inputs[3])]
+        out = fastvae.elbo_loss(leaves[0], inputs[1], leaves[1], leaves[2], return_components=terms, **kw)
+        loss = out.loss if terms else out
+        assert isinstance(loss, torch.Tensor) and loss.shape == ((7,) if reduction == "none" else ())
+        first = torch.autograd.grad(loss, leaves, go, retain_graph=True)
+        again = torch.autograd.grad(loss, leaves, go)
+        results.append((loss.detach(), first, again))
+    (a, fa, ga), (b, fb, gb) = results
+    assert torch.equal(a, b)
+    for x, y in zip(fa + ga, fb + gb):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("formulation", ["loops", "aten"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_forward_mode_ad_of_the_loss_alone(case, reduction, formulation, monkeypatch):
+    """Without return_components the fallback's op has one output (the loss alone): its tangent
+    is the loss's tangent of the four-term form to the bit (checked against the oracle above)."""
+    import torch.autograd.forward_ad as fwAD
+
+    from conftest import use_formulation
+
+    use_formulation(formulation, monkeypatch)
+    likelihood, from_logits, sigma = case
+    inputs = make(likelihood, from_logits, (6, 40), 3, device="cpu", seed=24)
+    g = torch.Generator().manual_seed(24)
+    tangents = [torch.randn(t.shape, generator=g) for t in inputs]
+    kw = dict(reduction=reduction, beta=0.7, likelihood=likelihood, sigma=sigma, from_logits=from_logits,
+              backend="torch")
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(t, d) for t, d in zip(inputs, tangents)]
+        alone = fastvae.elbo_loss(*duals, **kw)
+        terms = fastvae.elbo_loss(*duals, return_components=True, **kw)
+        assert torch.equal(fwAD.unpack_dual(alone).primal, fwAD.unpack_dual(terms.loss).primal)
+        assert torch.equal(fwAD.unpack_dual(alone).tangent, fwAD.unpack_dual(terms.loss).tangent)
+
+
 def test_reparameterize_forward_mode_ad(backend_device):
     """z = mu + exp(logvar / 2) eps: the tangent mu' + exp(logvar / 2) eps logvar' / 2 on the
     fallback (plain tensor ops), a refusal by name on backend="triton"."""
