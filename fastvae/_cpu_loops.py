@@ -333,7 +333,47 @@ flat_done:
 """
 
 
-def _kernel(name: str, element, target: str, grad: bool, two_pass=None) -> str:
+# The Gaussian's loop is cheap per element, and from memory it ran at half the speed of an ATen op
+# with the same traffic: its row pass asks for the s and t of a row this many elements ahead
+# (rounded up to whole rows, at least the next one: two rows of 784) before it reads its own. On
+# this project's AMD EPYC (Zen 5) its loop over a batch of 4096 x 784 from memory took 1.18 ms
+# without it and 0.66 ms with it (1 thread, the same bits); d, which the loop writes, is better left
+# to the hardware (0.78 ms when it was prefetched for writing too), and so is the next row alone
+# (0.72 ms), or three (0.72 ms). Cached batches (B = 128) take the same time either way. The other
+# likelihoods' loops are bound by their arithmetic: there the prefetches cost 1.5-2.5% (B = 4096,
+# whole calls).
+_PREFETCH_AHEAD = 1024
+_PREFETCHED = {"gaussian"}
+
+
+def _prefetch_rows(t_ty: str, prefetch: bool) -> str:
+    """IR blocks ``pf`` .. ``pf_done`` (within the row pass, after row i's pointers): where
+    ``prefetch``, ask for each 64-byte line of row i + ahead of s and t (where that row exists),
+    one ``llvm.prefetch`` per 16 columns (the lines of a float row; a uint8 row's lines are asked
+    for four times, which costs nothing more than a few instructions); else nothing."""
+    if not prefetch:
+        return "  br label %pf_done\npf_done:"
+    return f"""  %pf_row = add i64 %i, %ahead
+  %pf_in = icmp slt i64 %pf_row, %R
+  %pf_any = and i1 %pf_in, %any_cols
+  br i1 %pf_any, label %pf, label %pf_done
+pf:
+  %pk = phi i64 [0, %row], [%pk_next, %pf]
+  %pso = mul i64 %pf_row, %s_row
+  %pso_k = add i64 %pso, %pk
+  %psp = getelementptr float, ptr %s, i64 %pso_k
+  call void @llvm.prefetch.p0(ptr %psp, i32 0, i32 3, i32 1)
+  %pto = mul i64 %pf_row, %t_row
+  %pto_k = add i64 %pto, %pk
+  %ptp = getelementptr {t_ty}, ptr %t, i64 %pto_k
+  call void @llvm.prefetch.p0(ptr %ptp, i32 0, i32 3, i32 1)
+  %pk_next = add nuw nsw i64 %pk, 16
+  %pk_more = icmp slt i64 %pk_next, %D
+  br i1 %pk_more, label %pf, label %pf_done
+pf_done:"""
+
+
+def _kernel(name: str, element, target: str, grad: bool, two_pass=None, prefetch: bool = False) -> str:
     """``void name(s, t, d, rows, R, D, s_row, t_row, d_row, scale, row_mul, row_add)``: for each
     of R rows of D elements (unit column stride, row strides in elements), ``rows[i]`` = the row's
     float64 sum of the element's first value, times ``row_mul`` then plus ``row_add`` (two float64
@@ -341,7 +381,8 @@ def _kernel(name: str, element, target: str, grad: bool, two_pass=None) -> str:
 
     ``two_pass`` = (store, value), with ``grad``: a flat pass writes ``d = store(s)`` first
     (:func:`_flat_pass`), then the row pass sums ``value(s, t, d)``, reading d back while the
-    rows are in cache; the element is ``value(s, t, store(s))`` either way."""
+    rows are in cache; the element is ``value(s, t, store(s))`` either way. ``prefetch``: the row
+    pass asks for later rows of s and t ahead of reading them (see _PREFETCH_AHEAD)."""
     b = _IR()
     x = b("load float, ptr %sp")
     if target == "u8":  # uint8 x read as x / 255, as torch.div(x, 255.0)
@@ -355,6 +396,7 @@ def _kernel(name: str, element, target: str, grad: bool, two_pass=None) -> str:
         val, d = two_pass[1](b, x, y, b("load float, ptr %dq")), None
     t_ty = "i8" if target == "u8" else "float"
     t_load = "  %tb = load i8, ptr %tp\n" if target == "u8" else ""
+    prefetch = _prefetch_rows(t_ty, prefetch)
     dq = "  %dq = getelementptr float, ptr %drow, i64 %j\n" if grad else ""
     store = f"  store float {d}, ptr %dq\n" if d is not None and grad else ""
     body = "\n".join(b.lines)
@@ -367,14 +409,18 @@ define void @{name}(ptr noalias nocapture readonly %s, ptr noalias nocapture rea
 entry:
   %any_rows = icmp sgt i64 %R, 0
   %any_cols = icmp sgt i64 %D, 0
+  %D1 = select i1 %any_cols, i64 %D, i64 1
+  %ahead_ = udiv i64 {_PREFETCH_AHEAD}, %D1
+  %ahead = add i64 %ahead_, 1
   br i1 %any_rows, label %{first}, label %exit
 {"" if two_pass is None else _flat_pass(two_pass[0])}row:
   %i = phi i64 [0, %{"entry" if two_pass is None else "flat_done"}], [%i_next, %row_end]
 {_row_pointers("%i", ("%s_row", "%t_row", "%d_row"), t_ty, ("%srow", "%trow", "%drow"))}
+{prefetch}
   br i1 %any_cols, label %col, label %row_end
 col:
-  %j = phi i64 [0, %row], [%j_next, %col]
-  %acc = phi double [0.0, %row], [%acc_next, %col]
+  %j = phi i64 [0, %pf_done], [%j_next, %col]
+  %acc = phi double [0.0, %pf_done], [%acc_next, %col]
   %sp = getelementptr float, ptr %srow, i64 %j
   %tp = getelementptr {t_ty}, ptr %trow, i64 %j
 {dq}{t_load}{body}
@@ -383,7 +429,7 @@ col:
   %more_cols = icmp slt i64 %j_next, %D
   br i1 %more_cols, label %col, label %row_end, !llvm.loop !0
 row_end:
-  %sum = phi double [0.0, %row], [%acc_next, %col]
+  %sum = phi double [0.0, %pf_done], [%acc_next, %col]
   %sum_mul = fmul double %sum, %row_mul
   %sum_add = fadd double %sum_mul, %row_add
   %rp = getelementptr double, ptr %rows, i64 %i
@@ -479,6 +525,7 @@ declare float @llvm.rint.f32(float)
 declare float @llvm.maxnum.f32(float, float)
 declare float @llvm.fmuladd.f32(float, float, float)
 declare double @llvm.fmuladd.f64(double, double, double)
+declare void @llvm.prefetch.p0(ptr, i32, i32, i32)
 !0 = distinct !{{!0, !1, !2, !3}}
 !1 = !{{!"llvm.loop.vectorize.width", i32 {_WIDTH}}}
 !2 = !{{!"llvm.loop.vectorize.enable", i1 true}}
@@ -566,7 +613,8 @@ def _build(element: str, target: str):
     missing or fails."""
     omp = _once("omp", _openmp)
     t_ty = "i8" if target == "u8" else "float"
-    source = _HEADER + "".join(_kernel(name, _ELEMENTS[element], target, g, _TWO_PASS.get(element))
+    source = _HEADER + "".join(_kernel(name, _ELEMENTS[element], target, g, _TWO_PASS.get(element),
+                                       element in _PREFETCHED)
                                for g, name in _names(element, target))
     if omp is not None:
         source += _OPENMP_HEADER + "".join(_parallel(name, t_ty) for g, name in _names(element, target))

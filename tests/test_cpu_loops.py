@@ -426,3 +426,37 @@ def test_totals_only_for_the_loops_rows_reduced(monkeypatch, kw):
     assert calls == ([1] if kw == dict(reduction="sum") else [])
     ref, _ = oracle.elbo(recon, x, mu, logvar, **kw)
     torch.testing.assert_close(out.loss.double(), ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(7, 1), (5, 33), (40, 784), (3, 2000)])
+@pytest.mark.parametrize("target", ["f32", "u8"])
+def test_prefetching_changes_no_bit(shape, target, monkeypatch):
+    """The Gaussian's loop asks for later rows ahead of reading them (_PREFETCH_AHEAD): its rows
+    and d are the same bits as the same loop built without the prefetches, for narrow rows
+    (many rows ahead), wide ones (the next row), batches shorter than the distance, strided rows
+    and uint8 targets."""
+    assert "gaussian" in _cpu_loops._PREFETCHED
+    built = {}
+    for prefetch in (True, False):
+        monkeypatch.setattr(_cpu_loops, "_PREFETCHED", {"gaussian"} if prefetch else set())
+        fns = _cpu_loops._build("gaussian", target)
+        source = _cpu_loops._kernel("k", _cpu_loops._ELEMENTS["gaussian"], target, True, None, prefetch)
+        assert ("@llvm.prefetch.p0(" in source) == prefetch
+        built[prefetch] = fns[True][0]
+    g = torch.Generator().manual_seed(sum(shape))
+    R, D = shape
+    s = torch.randn(R, D + 3, generator=g)[:, :D]  # rows strided by D + 3
+    if target == "u8":
+        t = torch.randint(0, 256, (R, D), generator=g, dtype=torch.uint8)
+    else:
+        t = torch.rand(R, D, generator=g)
+    out = {}
+    for prefetch, fn in built.items():
+        d = torch.full((R, D), math.nan)
+        rows = torch.full((R,), math.nan, dtype=torch.float64)
+        fn(s.data_ptr(), t.data_ptr(), d.data_ptr(), rows.data_ptr(), R, D, s.stride(0), t.stride(0),
+           d.stride(0), 4.0, 2.0, -0.0)
+        out[prefetch] = (rows, d)
+    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+    want = (s.double() - (t.double() / 255.0 if target == "u8" else t.double())).square().sum(1) * 2.0
+    torch.testing.assert_close(out[True][0], want, rtol=1e-6, atol=0)
