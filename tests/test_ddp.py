@@ -1,4 +1,5 @@
 """Multi-process training: 2 gloo processes on CPU follow the single-process math."""
+import gc
 import os
 import socket
 
@@ -34,6 +35,12 @@ def _worker(rank, world, port, data, out_dirs, kwargs):
     torch.set_num_threads(1)
     fastvae.train(data, init=_near_deterministic_model(), out_dir=out_dirs[rank], **kwargs)
     assert not dist.is_initialized()  # train() tears down the group it made
+    # and its DDP module (which holds the group) is gone, not left to a later garbage collection:
+    # gloo's threads end with the group, before interpreter exit (where one that still released
+    # an all_gather's tensors aborted the process about 1 run in 8)
+    from torch.nn.parallel import DistributedDataParallel
+
+    assert not any(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
 
 
 @pytest.fixture(scope="module")
