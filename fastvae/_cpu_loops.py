@@ -34,7 +34,7 @@ A reduced loss takes its four totals from the float64 rows in one more call (:fu
 where ATen would take six small ops (about 40-50 us of a 400 us call at B = 128 on this
 project's 2-core EPYC). The common case, a reduced float32 loss without free bits, runs whole
 through :func:`elbo`: the likelihood's loop, the KL's and the totals, three compiled calls with no
-ATen op between them and four tensors made (the rows of both sums share one buffer).
+ATen op between them and three tensors made (the rows of both sums share one buffer).
 
 Row sums accumulate in float64 over 16 lanes in a fixed order (the loop is vectorised 16 wide on
 every CPU: two 8-float registers with AVX2, one with AVX-512), so the loss is bitwise reproducible,
@@ -396,7 +396,7 @@ def _kernel(name: str, element, target: str, grad: bool, two_pass=None, prefetch
         val, d = two_pass[1](b, x, y, b("load float, ptr %dq")), None
     t_ty = "i8" if target == "u8" else "float"
     t_load = "  %tb = load i8, ptr %tp\n" if target == "u8" else ""
-    prefetch = _prefetch_rows(t_ty, prefetch)
+    ahead = _prefetch_rows(t_ty, prefetch)
     dq = "  %dq = getelementptr float, ptr %drow, i64 %j\n" if grad else ""
     store = f"  store float {d}, ptr %dq\n" if d is not None and grad else ""
     body = "\n".join(b.lines)
@@ -416,7 +416,7 @@ entry:
 {"" if two_pass is None else _flat_pass(two_pass[0])}row:
   %i = phi i64 [0, %{"entry" if two_pass is None else "flat_done"}], [%i_next, %row_end]
 {_row_pointers("%i", ("%s_row", "%t_row", "%d_row"), t_ty, ("%srow", "%trow", "%drow"))}
-{prefetch}
+{ahead}
   br i1 %any_cols, label %col, label %row_end
 col:
   %j = phi i64 [0, %pf_done], [%j_next, %col]
@@ -783,8 +783,8 @@ def elbo(element: str, s: Tensor, t: Tensor, d: Tensor | None, scale: float, row
     ``element``'s loop over (s, t) as :func:`run` (d written where given), the KL's loop over
     (logvar, mu) writing ``h = expm1(logvar)``, and the :func:`totals` of both. Returns (the loss,
     or the four terms where ``terms``; h). The caller has checked both pairs with :func:`takes`
-    and made d (R >= 1). The rows of both sums share one float64 buffer, so the call makes four
-    tensors (rows, h, the loss) where run, run and totals made eight (ten with the four terms)."""
+    and made d (R >= 1). The rows of both sums share one float64 buffer, so the call makes three
+    tensors (rows, h, the loss; six with the four terms) where run, run and totals made seven."""
     R, L = mu.shape
     rows = torch.empty(2 * R, dtype=torch.float64)
     h = _memory.empty((R, L), torch.float32)

@@ -572,8 +572,8 @@ def _grad_buffer(t: Tensor, dt: torch.dtype) -> Tensor:
 
 def _forward(recon, x, mu, logvar, sigma, args, want, terms=True):
     """((loss, reconstruction, kl, kl_eff), (d recon, d x, d sigma), active, h): the four terms
-    reduced like the op's output (four distinct tensors; ``(loss,)`` alone where ``terms`` is
-    False) and, where ``want`` (for recon, x, sigma), the likelihood's gradients for
+    reduced like the op's output (four distinct tensors; where ``terms`` is False the loss comes
+    first and the fused path makes it alone, ``(loss,)``) and, where ``want`` (for recon, x, sigma), the likelihood's gradients for
     ``(g0 + g1) = 1`` (scale of the reduction included), in the compute dtype;
     ``h = exp(logvar) - 1`` (see _kl_terms)."""
     inv_sigma, log_norm, beta, free_bits, likelihood, from_logits, reduction = args
@@ -587,8 +587,8 @@ def _forward(recon, x, mu, logvar, sigma, args, want, terms=True):
         # the common case (a reduced loss, float32, no free bits, no d x): the likelihood's loop,
         # the KL's and the totals in three compiled calls, no ATen op between them (at B = 128
         # most of the op's time is such fixed costs)
-        loop = _loop_args(likelihood, inv_sigma, log_norm, D, scale)
-        out, h = _cpu_loops.elbo(*loop[:1], recon, x, bufs[0], *loop[1:], logvar, mu,
+        element, *loop = _loop_args(likelihood, inv_sigma, log_norm, D, scale)
+        out, h = _cpu_loops.elbo(element, recon, x, bufs[0], *loop, logvar, mu,
                                  float(B) if reduction == "batchmean" else 1.0, beta, terms)
         return out, bufs, None, h
     fast = _likelihood(likelihood, from_logits)[0]
