@@ -83,10 +83,11 @@ def vae_elbo_grads(model: VAE, xb: Tensor, beta: float, generator: torch.Generat
         z = torch.addcmul(mu, std, eps)
         h3 = torch.relu(torch.addmm(l3.bias, z, l3.weight.t()))
         s = torch.addmm(l4.bias, h3, l4.weight.t())
-        # the fused loss's single pass: the four terms and d s for grad_output 1 (its own buffer),
-        # h = exp(logvar) - 1
+        # the fused loss's single pass: the loss (alone) and d s for grad_output 1 (its own
+        # buffer), h = exp(logvar) - 1
         args = (1.0, 0.0, float(beta), 0.0, "bernoulli", True, "sum")
-        terms, (d_s, _, _), _, h = _fallback._forward(s, x, mu, logvar, None, args, (True, False, False))
+        terms, (d_s, _, _), _, h = _fallback._forward(s, x, mu, logvar, None, args, (True, False, False),
+                                                      terms=False)
         d_mu_kl, d_logvar_kl = _fallback._kl_grads(mu, h, float(beta))
 
         l4.weight.grad = torch.mm(d_s.t(), h3)
