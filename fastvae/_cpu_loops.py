@@ -754,14 +754,14 @@ def run(element: str, s: Tensor, t: Tensor, d: Tensor | None, scale: float, row_
         raise ValueError("fastvae internal: the loop's gradient buffer must be float32 [R, D] "
                          "with unit column stride")
     rows = torch.empty(R, dtype=torch.float64)
-    if R > 0:
-        _launch(element, s, t, d, rows.data_ptr(), scale, row_mul, row_add)
+    _launch(element, s, t, d, rows.data_ptr(), scale, row_mul, row_add)
     return rows
 
 
 def _launch(element: str, s: Tensor, t: Tensor, d: Tensor | None, rows: int, scale: float,
             row_mul: float, row_add: float) -> None:
-    """:func:`run` into the float64 rows at address ``rows``, without checking d (R >= 1)."""
+    """:func:`run` into the float64 rows at address ``rows``, without checking d (R = 0 runs no
+    row: the loops check their bounds, and R x D is below the threshold for threads)."""
     R, D = s.shape
     fns = _functions(element, "u8" if t.dtype == torch.uint8 else "f32")
     if fns is None:
@@ -783,12 +783,27 @@ def elbo(element: str, s: Tensor, t: Tensor, d: Tensor | None, scale: float, row
     ``element``'s loop over (s, t) as :func:`run` (d written where given), the KL's loop over
     (logvar, mu) writing ``h = expm1(logvar)``, and the :func:`totals` of both. Returns (the loss,
     or the four terms where ``terms``; h). The caller has checked both pairs with :func:`takes`
-    and made d (R >= 1). The rows of both sums share one float64 buffer, so the call makes three
+    and made d. The rows of both sums share one float64 buffer, so the call makes three
     tensors (rows, h, the loss; six with the four terms) where run, run and totals made seven."""
-    R, L = mu.shape
+    R = mu.shape[0]
     rows = torch.empty(2 * R, dtype=torch.float64)
-    h = _memory.empty((R, L), torch.float32)
     rec, kl = rows.data_ptr(), rows.data_ptr() + 8 * R
     _launch(element, s, t, d, rec, scale, row_mul, row_add)
-    _launch("gaussian_kl", logvar, mu, h, kl, 1.0, 0.5, -0.0)  # halved in the loop (exact)
+    h = _kl_into(logvar, mu, kl)
     return _totals(rec, kl, R, div, beta, terms), h
+
+
+def kl(logvar: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
+    """The Gaussian KL's float64 rows [R] and ``h = expm1(logvar)`` (see :func:`_kl_into`); the
+    caller has checked (logvar, mu) with :func:`takes`."""
+    rows = torch.empty(logvar.shape[0], dtype=torch.float64)
+    return rows, _kl_into(logvar, mu, rows.data_ptr())
+
+
+def _kl_into(logvar: Tensor, mu: Tensor, rows: int) -> Tensor:
+    """h = expm1(logvar), a new float32 buffer of logvar's shape, with the KL's row sums
+    ``0.5 sum(h - logvar + mu^2)`` written as float64 at address ``rows`` (halved in the loop:
+    exact)."""
+    h = _memory.empty(logvar.shape, torch.float32)
+    _launch("gaussian_kl", logvar, mu, h, rows, 1.0, 0.5, -0.0)
+    return h

@@ -518,8 +518,7 @@ def _kl_terms(mu: Tensor, logvar: Tensor, free_bits: float):
     times 2, kept for the backward. Without free bits, in float32 on CPU, one fused loop makes h
     and the float64 rows (fastvae/_cpu_loops.py)."""
     if _kl_loop(mu, logvar, free_bits):
-        h = _memory.empty(logvar.shape, logvar.dtype)
-        rows = _cpu_loops.run("gaussian_kl", logvar, mu, h, 1.0, 0.5)  # halved in the loop (exact)
+        rows, h = _cpu_loops.kl(logvar, mu)
         return rows, rows, None, h
     h = torch.expm1(logvar)
     kl2 = torch.sub(h, logvar).addcmul_(mu, mu)              # 2 KL_ik
@@ -573,12 +572,13 @@ def _grad_buffer(t: Tensor, dt: torch.dtype) -> Tensor:
 def _forward(recon, x, mu, logvar, sigma, args, want, terms=True):
     """((loss, reconstruction, kl, kl_eff), (d recon, d x, d sigma), active, h): the four terms
     reduced like the op's output (four distinct tensors; where ``terms`` is False the loss comes
-    first and the fused path makes it alone, ``(loss,)``) and, where ``want`` (for recon, x, sigma), the likelihood's gradients for
-    ``(g0 + g1) = 1`` (scale of the reduction included), in the compute dtype;
-    ``h = exp(logvar) - 1`` (see _kl_terms)."""
+    first and the fused path makes it alone, ``(loss,)``) and, where ``want`` (for recon, x,
+    sigma), the likelihood's gradients for ``(g0 + g1) = 1`` (scale of the reduction included), in
+    the compute dtype; ``h = exp(logvar) - 1`` (see _kl_terms)."""
     inv_sigma, log_norm, beta, free_bits, likelihood, from_logits, reduction = args
     dt = _compute_dtype(recon)
     B, D = recon.shape
+    div = float(B) if reduction == "batchmean" else 1.0  # the totals' divisor; scale its inverse
     scale = 1.0 / B if reduction == "batchmean" else 1.0
     bufs = [_grad_buffer(t, dt) if w else None for t, w in zip((recon, x, sigma), want)]
     if (reduction != "none" and free_bits <= 0.0 and not want[1]
@@ -588,8 +588,7 @@ def _forward(recon, x, mu, logvar, sigma, args, want, terms=True):
         # the KL's and the totals in three compiled calls, no ATen op between them (at B = 128
         # most of the op's time is such fixed costs)
         element, *loop = _loop_args(likelihood, inv_sigma, log_norm, D, scale)
-        out, h = _cpu_loops.elbo(element, recon, x, bufs[0], *loop, logvar, mu,
-                                 float(B) if reduction == "batchmean" else 1.0, beta, terms)
+        out, h = _cpu_loops.elbo(element, recon, x, bufs[0], *loop, logvar, mu, div, beta, terms)
         return out, bufs, None, h
     fast = _likelihood(likelihood, from_logits)[0]
     kl, kl_eff, active, h = _kl_terms(_as(mu, dt), _as(logvar, dt), free_bits)
@@ -620,7 +619,7 @@ def _forward(recon, x, mu, logvar, sigma, args, want, terms=True):
     if (same and reduction != "none" and dt == torch.float32 and rec.dtype == torch.float64
             and kl.dtype == torch.float64 and rec.is_contiguous() and kl.is_contiguous()):
         # the fused loops' float64 rows: the four totals in one call (_cpu_loops.totals)
-        terms = _cpu_loops.totals(rec, kl, float(B) if reduction == "batchmean" else 1.0, beta)
+        terms = _cpu_loops.totals(rec, kl, div, beta)
         if terms is not None:
             return terms, bufs, active, h
     kl = _as(kl, dt)
