@@ -526,8 +526,10 @@ def analyse(launches, ptxas, cuobjdump, arch="sm_90a"):
         compile_s = time.perf_counter() - t0
         h = ck.metadata.hash
         names = k.arg_names
-        tensors = [(names[i], a) for i, a in enumerate(la.args) if isinstance(a, torch.Tensor)]
-        tensors += [(n, a) for n, a in la.kwargs.items() if isinstance(a, torch.Tensor)]
+        # every argument by name, in the kernel's parameter order (the launches pass keywords)
+        bound = {**dict(zip(names, la.args)), **{n: a for n, a in la.kwargs.items() if n in names}}
+        bound = {n: bound[n] for n in names if n in bound}
+        tensors = [(n, a) for n, a in bound.items() if isinstance(a, torch.Tensor)]
         roles = {n: la.labels.get(a.data_ptr(), "buffer") for n, a in tensors}
         if h in variants:
             v = variants[h]
@@ -539,8 +541,9 @@ def analyse(launches, ptxas, cuobjdump, arch="sm_90a"):
         grid = la.grid if isinstance(la.grid, tuple) else tuple(la.grid)
         constexprs = {p.name: la.kwargs[p.name] for p in k.params if p.is_constexpr and p.name in la.kwargs}
         # integer arguments Triton specialised: == 1 (a constant) or divisible by 16
-        ints = {names[i]: ("=1" if a == 1 else "%16" if a % 16 == 0 else "")
-                for i, a in enumerate(la.args) if isinstance(a, int) and not isinstance(a, bool)}
+        ints = {n: ("=1" if a == 1 else "%16" if a % 16 == 0 else "")
+                for n, a in bound.items() if isinstance(a, int) and not isinstance(a, bool)
+                and n not in constexprs}
         variants[h] = dict(
             kernel=k.fn.__name__, module=k.fn.__module__, hash=h, calls=[la.call],
             constexprs=constexprs, int_specialisation=ints,

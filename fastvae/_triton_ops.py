@@ -35,6 +35,8 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from .kernels import elbo as _elbo
 from .kernels import fused_decoder as _fused_decoder
 from .kernels import reparam as _reparam
+from .kernels.elbo import ELBOConfig
+from .kernels.launch import Launcher, persistent_programs, ticket_counter
 
 # True when TRITON_INTERPRET=1 was set before the kernels were defined: they then run on CPU.
 KERNELS_INTERPRETED = type(_elbo._elbo_flat_kernel).__name__ == "InterpretedFunction"
@@ -63,9 +65,16 @@ def _eager(*tensors) -> bool:
     return all(t is None or _plain(t) for t in tensors)
 
 
+_LAUNCHERS: dict = {}
+
+
 def _direct(kernel):
-    """The eager launcher: the kernel itself (``wrap_triton`` lets tracers record a launch)."""
-    return kernel
+    """The eager launcher of ``kernel``: Triton's binder once per specialization, then its compiled
+    launcher directly (``wrap_triton`` instead lets tracers record a launch)."""
+    launcher = _LAUNCHERS.get(kernel)
+    if launcher is None:
+        launcher = _LAUNCHERS[kernel] = Launcher(kernel)
+    return launcher
 
 
 def _on_device(t: Tensor):
@@ -82,14 +91,20 @@ def elbo(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, sigma: Optional[T
          log_norm: float, beta: float, free_bits: float, likelihood: str, from_logits: bool,
          reduction: str, grad: bool, x_grad: bool, sigma_grad: bool
          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _elbo.elbo_forward(wrap_triton, recon, x, mu, logvar, sigma, inv_sigma, log_norm, beta,
-                              free_bits, likelihood, from_logits, reduction, grad, x_grad, sigma_grad)
+    cfg = ELBOConfig(likelihood=likelihood, from_logits=from_logits, reduction=reduction,
+                     inv_sigma=inv_sigma, log_norm=log_norm, beta=beta, free_bits=free_bits, grad=grad,
+                     x_grad=x_grad, sigma_grad=sigma_grad)
+    counter = torch.zeros(1, device=recon.device, dtype=torch.int32)
+    out = _elbo.elbo_forward(wrap_triton, recon, x, mu, logvar, sigma, cfg, counter)
+    # an op's outputs may not alias: a new empty tensor for each buffer not asked for
+    return tuple(t if t is not None else recon.new_empty(0) for t in out)
 
 
 @triton_op("fastvae::elbo_scale_grads_", mutates_args={"drecon", "dx", "dsigma", "dmu", "dlogvar"})
 def elbo_scale_grads_(grad: Tensor, beta: float, drecon: Tensor, dx: Tensor, dsigma: Tensor, dmu: Tensor,
                       dlogvar: Tensor, active: Tensor) -> None:
-    _elbo.scale_grads_(wrap_triton, grad, beta, drecon, dx, dsigma, dmu, dlogvar, active)
+    _elbo.scale_grads_(wrap_triton, grad, beta, drecon, dx, dsigma, dmu, dlogvar, active,
+                       persistent_programs(drecon.device))
 
 
 def _factors(g: Tensor, beta: float, active: Tensor) -> tuple[Tensor, Tensor]:
@@ -111,6 +126,25 @@ def _times(buf: Tensor, f: Tensor) -> Tensor:
     return (buf * f).to(buf.dtype)
 
 
+def _no_double_backward() -> None:
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "fastvae.elbo_loss: double backward (create_graph=True, torch.autograd.functional."
+            "hessian, ...) is not supported on the Triton path, whose gradients are written in "
+            "the forward pass; use backend='torch', which supports it")
+
+
+def _no_gradient_written() -> RuntimeError:
+    return RuntimeError("fastvae.elbo_loss: no gradient was computed in the forward pass (it ran "
+                        "under torch.no_grad, or no input required grad)")
+
+
+_SECOND_BACKWARD = (
+    "fastvae.elbo_loss writes its gradients during the forward pass and hands them over in "
+    "the first backward; a second backward through the same graph (retain_graph=True) is "
+    "not supported on the Triton path: compute the loss again, or use backend='torch'")
+
+
 def _elbo_setup(ctx, inputs, output):
     ctx.grad_written, ctx.x_grad, ctx.sigma_grad = inputs[-3:]
     ctx.beta = inputs[7]
@@ -122,35 +156,21 @@ def _elbo_setup(ctx, inputs, output):
 
 
 def _elbo_grad(ctx, g, *_unused):
+    # the registered op's backward (what torch.compile and the dispatch modes see)
     if not ctx.grad_written:
-        raise RuntimeError("fastvae.elbo_loss: no gradient was computed in the forward pass (it ran "
-                           "under torch.no_grad, or no input required grad)")
+        raise _no_gradient_written()
     try:
         drecon, dx, dsigma, dmu, dlogvar, active = ctx.saved_tensors
     except RuntimeError as e:  # the version check: an earlier backward already scaled them
-        raise RuntimeError(
-            "fastvae.elbo_loss writes its gradients during the forward pass and hands them over in "
-            "the first backward; a second backward through the same graph (retain_graph=True) is "
-            "not supported on the Triton path: compute the loss again, or use backend='torch'") from e
+        raise RuntimeError(_SECOND_BACKWARD) from e
     if _traced(g):
         # a traced in-place update of a saved tensor would be preceded by a copy of it
         f_pix, f_lat = _factors(g, ctx.beta, active)
         drecon, dx, dsigma = (_times(t, f_pix) for t in (drecon, dx, dsigma))
         dmu, dlogvar = (_times(t, f_lat) for t in (dmu, dlogvar))
     else:
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "fastvae.elbo_loss: double backward (create_graph=True, torch.autograd.functional."
-                "hessian, ...) is not supported on the Triton path, whose gradients are written in "
-                "the forward pass; use backend='torch', which supports it")
-        if _eager(g):
-            _elbo.scale_grads_(_direct, g, ctx.beta, drecon, dx, dsigma, dmu, dlogvar, active)
-            # written in place behind autograd's back: bump the versions as the op would, so that
-            # a second backward through the graph is refused (above) rather than scaled twice
-            for t in (drecon, dx, dsigma, dmu, dlogvar):
-                torch.autograd.graph.increment_version(t)
-        else:
-            torch.ops.fastvae.elbo_scale_grads_(g, ctx.beta, drecon, dx, dsigma, dmu, dlogvar, active)
+        _no_double_backward()
+        torch.ops.fastvae.elbo_scale_grads_(g, ctx.beta, drecon, dx, dsigma, dmu, dlogvar, active)
     return (drecon, (dx if ctx.x_grad else None), dmu, dlogvar,
             (dsigma if ctx.sigma_grad else None)) + (None,) * 10
 
@@ -159,25 +179,49 @@ register_autograd("fastvae::elbo", _elbo_grad, setup_context=_elbo_setup)
 
 
 class _ELBO(torch.autograd.Function):
-    """fastvae::elbo without the operator dispatch (eager mode; see the module's docstring)."""
+    """fastvae::elbo without the operator dispatch (eager mode; see the module's docstring): one
+    output, the loss (or its terms), and the gradient buffers kept in ``ctx``."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        out = _elbo.elbo_forward(_direct, *inputs)
-        _elbo_setup(ctx, inputs, out)
+    def forward(ctx, recon, x, mu, logvar, sigma, cfg: ELBOConfig):
+        out, *buffers = _elbo.elbo_forward(_direct, recon, x, mu, logvar, sigma, cfg,
+                                           ticket_counter(recon.device))
+        ctx.cfg = cfg
+        ctx.spent = False
+        ctx.set_materialize_grads(False)
+        if cfg.grad:
+            ctx.save_for_backward(*buffers)
         return out
 
     @staticmethod
-    def backward(ctx, *grads):
-        return _elbo_grad(ctx, *grads)
+    def backward(ctx, g):
+        cfg = ctx.cfg
+        if not cfg.grad:
+            raise _no_gradient_written()
+        if ctx.spent:  # the buffers were scaled and handed over already
+            raise RuntimeError(_SECOND_BACKWARD)
+        _no_double_backward()
+        ctx.spent = True
+        drecon, dx, dsigma, dmu, dlogvar, active = ctx.saved_tensors
+        _elbo.scale_grads_(_direct, g, cfg.beta, drecon, dx, dsigma, dmu, dlogvar, active,
+                           persistent_programs(g.device))
+        return (drecon, dx if cfg.x_grad else None, dmu, dlogvar, dsigma if cfg.sigma_grad else None,
+                None)
 
 
-def elbo_apply(recon: Tensor, *args) -> tuple[Tensor, ...]:
-    """``torch.ops.fastvae.elbo(recon, *args)``, launched directly when nothing traces."""
-    if _eager(recon, *args[:4]):  # recon, x, mu, logvar, sigma
-        with _on_device(recon):
-            return _ELBO.apply(recon, *args)
-    return torch.ops.fastvae.elbo(recon, *args)
+def elbo_apply(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, sigma: Optional[Tensor],
+               cfg: ELBOConfig) -> Tensor:
+    """The ELBO's output for ``cfg``: launched directly when nothing traces, else through
+    ``torch.ops.fastvae.elbo`` (whose output always holds the terms)."""
+    if _eager(recon, x, mu, logvar, sigma):
+        if recon.is_cuda and recon.get_device() != torch.cuda.current_device():
+            with torch.cuda.device(recon.device):
+                return _ELBO.apply(recon, x, mu, logvar, sigma, cfg)
+        return _ELBO.apply(recon, x, mu, logvar, sigma, cfg)
+    out = torch.ops.fastvae.elbo(recon, x, mu, logvar, sigma, cfg.inv_sigma, cfg.log_norm, cfg.beta,
+                                 cfg.free_bits, cfg.likelihood, cfg.from_logits, cfg.reduction, cfg.grad,
+                                 cfg.x_grad, cfg.sigma_grad)[0]
+    return out if cfg.terms or cfg.reduction == "none" else out[0]
 
 
 @triton_op("fastvae::reparameterize", mutates_args={})

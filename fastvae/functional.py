@@ -196,18 +196,24 @@ def elbo_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, reduction
     lik = "gaussian" if likelihood == "mse" else likelihood
     batch = recon.shape[0]
     r2, x2 = _rows(recon, batch), _rows(x, batch)
-    args = (sig, inv_sigma, log_norm, kbeta, float(free_bits), lik, from_logits, reduction)
+    # the loss alone where the caller wants nothing else (one output tensor instead of four)
+    terms = return_components or beta_t is not None
     if _backend.resolve(backend, *(t for t in (recon, x, mu, logvar, sig) if t is not None)) == "triton":
         # single pass: the gradients are written with the loss whenever autograd will ask for them
-        grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (recon, x, mu, logvar, sig))
+        grad = torch.is_grad_enabled() and (recon.requires_grad or x.requires_grad or mu.requires_grad
+                                            or logvar.requires_grad or (sig is not None and sig.requires_grad))
         from . import _triton_ops
 
-        out = _triton_ops.elbo_apply(r2, x2, mu, logvar, *args, grad, grad and x.requires_grad,
-                                     grad and sig is not None and sig.requires_grad)[0]
+        cfg = _triton_ops.ELBOConfig(
+            likelihood=lik, from_logits=from_logits, reduction=reduction, inv_sigma=inv_sigma,
+            log_norm=log_norm, beta=kbeta, free_bits=float(free_bits), grad=grad,
+            x_grad=grad and x.requires_grad, sigma_grad=grad and sig is not None and sig.requires_grad,
+            terms=terms)
+        out = _triton_ops.elbo_apply(r2, x2, mu, logvar, sig, cfg)
+        out = out if terms or reduction == "none" else (out,)
     else:
-        # the loss alone where the caller wants nothing else (one output tensor instead of four)
-        out = _fallback.elbo(r2, x2, mu, logvar, *args, terms=return_components or beta_t is not None)
+        out = _fallback.elbo(r2, x2, mu, logvar, sig, inv_sigma, log_norm, kbeta, float(free_bits), lik,
+                             from_logits, reduction, terms=terms)
     loss = out[0] if beta_t is None else out[1] + beta_t.to(device=out[1].device, dtype=out[1].dtype) * out[3]
     if return_components:
         return ELBOComponents(loss, out[1], out[2])

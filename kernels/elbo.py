@@ -33,6 +33,8 @@ in the kernel body, so torch's analysis of which tensors a kernel writes sees on
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -77,18 +79,51 @@ def _latent_terms(mu, lv, act_ptr, dims, m, free_bits, FREE_BITS: tl.constexpr):
 
 
 @triton.jit
+def _totals(partial_ptr, counter_ptr, out_ptr, programs, beta, scale,
+            TERMS: tl.constexpr, SUM_BLOCK: tl.constexpr):
+    # The reduction's second stage, in the program that finishes last: every program has stored
+    # its partial sums (reconstruction, kl, kl_eff) to partial[0..2, pid] and takes a ticket; the
+    # one holding the last ticket adds the rows in a fixed order (bitwise reproducible, no float
+    # atomics) and sets the counter back to 0 for the next launch on this stream:
+    #   loss = scale (sum rec + beta sum kl_eff),  and with TERMS: scale sum rec, scale sum kl,
+    #   scale sum kl_eff after it (out [4]; without TERMS out holds the loss alone)
+    tl.debug_barrier()                      # the program's partial sums are stored before its ticket
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if ticket == programs - 1:
+        beta = tl.cast(beta, tl.float32)
+        rec = tl.zeros([SUM_BLOCK], dtype=tl.float32)
+        kl = tl.zeros([SUM_BLOCK], dtype=tl.float32)
+        kl_eff = tl.zeros([SUM_BLOCK], dtype=tl.float32)
+        for i0 in range(0, programs, SUM_BLOCK):
+            offs = i0 + tl.arange(0, SUM_BLOCK).to(tl.int64)
+            m = offs < programs
+            rec += tl.load(partial_ptr + offs, mask=m, other=0.0, volatile=True)
+            kl += tl.load(partial_ptr + programs + offs, mask=m, other=0.0, volatile=True)
+            kl_eff += tl.load(partial_ptr + 2 * programs + offs, mask=m, other=0.0, volatile=True)
+        r = tl.sum(rec, axis=0) * scale
+        e = tl.sum(kl_eff, axis=0) * scale
+        tl.store(out_ptr, r + beta * e)
+        if TERMS:
+            tl.store(out_ptr + 1, r)
+            tl.store(out_ptr + 2, tl.sum(kl, axis=0) * scale)
+            tl.store(out_ptr + 3, e)
+        tl.atomic_xchg(counter_ptr, 0)
+
+
+@triton.jit
 def _elbo_flat_kernel(
-    recon_ptr, x_ptr, mu_ptr, logvar_ptr, partial_ptr,
+    recon_ptr, x_ptr, mu_ptr, logvar_ptr, partial_ptr, counter_ptr, out_ptr,
     drecon_ptr, dx_ptr, dmu_ptr, dlogvar_ptr,
     n_pix, n_lat, pix_programs, programs,
-    inv_sigma, log_norm, scale,
+    inv_sigma, log_norm, beta, scale,
     LIKELIHOOD: tl.constexpr, X_U8: tl.constexpr, GRAD: tl.constexpr, X_GRAD: tl.constexpr,
-    BLOCK: tl.constexpr, ITERS: tl.constexpr,
+    TERMS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, SUM_BLOCK: tl.constexpr,
 ):
     # programs [0, pix_programs) walk the pixels, the rest the latents; each writes its three
-    # fp32 partial sums (reconstruction, kl, kl_eff = kl: no free bits here) to partial[0..2, pid]. `scale` is
-    # d loss / d row loss (1, or 1/B for "batchmean"), folded into the stored gradients, which are
-    # those of the reconstruction and of the (unweighted) KL: the backward applies beta.
+    # fp32 partial sums (reconstruction, kl, kl_eff = kl: no free bits here) to partial[0..2, pid],
+    # and the last one to finish writes the totals (see _totals). `scale` is d loss / d row loss
+    # (1, or 1/B for "batchmean"), folded into the stored gradients, which are those of the
+    # reconstruction and of the (unweighted) KL: the backward applies beta.
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK).to(tl.int64)
     if pid < pix_programs:
@@ -127,25 +162,28 @@ def _elbo_flat_kernel(
         kl_sum = tl.sum(kacc, axis=0)
         tl.store(partial_ptr + programs + pid, kl_sum)
         tl.store(partial_ptr + 2 * programs + pid, kl_sum)
+    _totals(partial_ptr, counter_ptr, out_ptr, programs, beta, scale, TERMS, SUM_BLOCK)
 
 
 # ---- forward (+ gradients): row tiling, any strides -------------------------------------------------
 
 @triton.jit
 def _elbo_rows_kernel(
-    recon_ptr, x_ptr, sigma_ptr, mu_ptr, logvar_ptr, act_ptr, out_ptr,
+    recon_ptr, x_ptr, sigma_ptr, mu_ptr, logvar_ptr, act_ptr, partial_ptr, counter_ptr, out_ptr,
     drecon_ptr, dx_ptr, dsigma_ptr, dmu_ptr, dlogvar_ptr,
-    B, N, L, out_stride,
+    B, N, L, programs,
     stride_rb, stride_rn, stride_xb, stride_xn, stride_sb, stride_sn,
     stride_mb, stride_ml, stride_vb, stride_vl,
     inv_sigma, log_norm, beta, free_bits, scale,
     LIKELIHOOD: tl.constexpr, X_U8: tl.constexpr, GRAD: tl.constexpr, X_GRAD: tl.constexpr,
     SIGMA_PTR: tl.constexpr, SIGMA_GRAD: tl.constexpr, FREE_BITS: tl.constexpr,
-    PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    PARTIAL: tl.constexpr, TERMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr, SUM_BLOCK: tl.constexpr,
 ):
     # one program owns BLOCK_M whole rows. PARTIAL=False: it writes their (loss, reconstruction,
     # kl, kl_eff) to out[0..3, rows] (out is [4, B]); PARTIAL=True: the sums of their
-    # reconstruction, kl and kl_eff to out[0..2, pid]. Gradients are written contiguous.
+    # reconstruction, kl and kl_eff to partial[0..2, pid], and the last program to finish writes
+    # the totals to out (see _totals). Gradients are written contiguous.
     # SIGMA_PTR: the Gaussian's sigma is a tensor read per element (through its strides).
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < B
@@ -198,45 +236,30 @@ def _elbo_rows_kernel(
 
     if PARTIAL:
         pid = tl.program_id(0)
-        tl.store(out_ptr + pid, tl.sum(tl.where(row_ok, rec, 0.0), axis=0))
-        tl.store(out_ptr + out_stride + pid, tl.sum(tl.where(row_ok, kl, 0.0), axis=0))
-        tl.store(out_ptr + 2 * out_stride + pid, tl.sum(tl.where(row_ok, kl_eff, 0.0), axis=0))
+        tl.store(partial_ptr + pid, tl.sum(tl.where(row_ok, rec, 0.0), axis=0))
+        tl.store(partial_ptr + programs + pid, tl.sum(tl.where(row_ok, kl, 0.0), axis=0))
+        tl.store(partial_ptr + 2 * programs + pid, tl.sum(tl.where(row_ok, kl_eff, 0.0), axis=0))
+        _totals(partial_ptr, counter_ptr, out_ptr, programs, beta, scale, TERMS, SUM_BLOCK)
     else:
+        # loss_i = rec_i + beta kl_eff_i, per row: out [4, B]
         beta = tl.cast(beta, tl.float32)
         tl.store(out_ptr + rows, rec + beta * kl_eff, mask=row_ok)
-        tl.store(out_ptr + out_stride + rows, rec, mask=row_ok)
-        tl.store(out_ptr + 2 * out_stride + rows, kl, mask=row_ok)
-        tl.store(out_ptr + 3 * out_stride + rows, kl_eff, mask=row_ok)
-
-
-@triton.jit
-def _sum_kernel(in_ptr, out_ptr, n, beta, scale, BLOCK: tl.constexpr):
-    # stage two of the reduction: one program adds each row of the partial sums [3, n]
-    # (reconstruction, kl, kl_eff) in a fixed order, and writes (loss, reconstruction, kl, kl_eff)
-    beta = tl.cast(beta, tl.float32)
-    rec = tl.zeros([BLOCK], dtype=tl.float32)
-    kl = tl.zeros([BLOCK], dtype=tl.float32)
-    kl_eff = tl.zeros([BLOCK], dtype=tl.float32)
-    for i0 in range(0, n, BLOCK):
-        offs = i0 + tl.arange(0, BLOCK).to(tl.int64)
-        m = offs < n
-        rec += tl.load(in_ptr + offs, mask=m, other=0.0)
-        kl += tl.load(in_ptr + n + offs, mask=m, other=0.0)
-        kl_eff += tl.load(in_ptr + 2 * n + offs, mask=m, other=0.0)
-    r = tl.sum(rec, axis=0) * scale
-    e = tl.sum(kl_eff, axis=0) * scale
-    tl.store(out_ptr, r + beta * e)
-    tl.store(out_ptr + 1, r)
-    tl.store(out_ptr + 2, tl.sum(kl, axis=0) * scale)
-    tl.store(out_ptr + 3, e)
+        tl.store(out_ptr + B + rows, rec, mask=row_ok)
+        tl.store(out_ptr + 2 * B + rows, kl, mask=row_ok)
+        tl.store(out_ptr + 3 * B + rows, kl_eff, mask=row_ok)
 
 
 # ---- backward: multiply the gradients written by the forward by their factors ---------------------
 
 @triton.jit
-def _row_g(g_ptr, stride_gc, stride_gb, rows, m, C: tl.constexpr):
-    # grad_output of output component C for the given rows (stride_gb = 0: one scalar)
-    return tl.load(g_ptr + C * stride_gc + rows * stride_gb, mask=m, other=0.0).to(tl.float32)
+def _row_g(g_ptr, stride_gc, stride_gb, rows, m, C: tl.constexpr, TERMS: tl.constexpr):
+    # grad_output of output component C for the given rows (stride_gb = 0: one scalar). Without
+    # TERMS the op's output is the loss alone: the components' grad_outputs are 0
+    if C == 0 or TERMS:
+        g = tl.load(g_ptr + C * stride_gc + rows * stride_gb, mask=m, other=0.0).to(tl.float32)
+    else:
+        g = tl.zeros(rows.shape, dtype=tl.float32)
+    return g
 
 
 @triton.jit
@@ -249,26 +272,32 @@ def _must_scale(f):
 def _scale_grads_kernel(
     g_ptr, stride_gc, stride_gb, act_ptr,
     a_ptr, b_ptr, c_ptr, d_ptr, e_ptr,
-    n_pix, B, N, L, pix_programs, beta,
+    n_pix, B, N, L, pix_tiles, lat_tiles, beta,
     HAS_B: tl.constexpr, HAS_C: tl.constexpr, FREE_BITS: tl.constexpr, PER_ROW: tl.constexpr,
-    BLOCK: tl.constexpr, LAT_ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
+    TERMS: tl.constexpr, BLOCK: tl.constexpr, LAT_ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     # In place, for the forward's contiguous gradients and g, the grad_output of the op's output
-    # (loss, reconstruction, kl, kl_eff) per row (or one scalar each, stride_gb = 0):
+    # (loss, reconstruction, kl, kl_eff) per row (or one scalar each, stride_gb = 0; or the loss's
+    # alone without TERMS):
     #   pixel buffers a, b, c (d recon, d x, d sigma) [B, N]  *= g0 + g1
     #   latent buffers d, e (d mu, d logvar) [B, L]          *= (beta g0 + g3) active_k + g2
-    # Pixels are walked flat, BLOCK per program; latents in tiles of LAT_ROWS rows x BLOCK_L
-    # dimensions. A tile whose factors are all 1 is left untouched, so a plain loss.backward()
-    # with beta = 1 moves no bytes.
+    # pix_tiles tiles of BLOCK pixels, then lat_tiles tiles of LAT_ROWS rows x all L dimensions;
+    # the grid is persistent (each program takes every num_programs-th tile of each). A tile whose factors are
+    # all 1 is left untouched, so a plain loss.backward() with beta = 1 moves no bytes.
+    beta = tl.cast(beta, tl.float32)
     pid = tl.program_id(0)
-    if pid < pix_programs:
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    programs = tl.num_programs(0)
+    for tile in range(pid, pix_tiles, programs):
+        offs = tl.cast(tile, tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         m = offs < n_pix
         if PER_ROW:
             rows = offs // N
-            f = _row_g(g_ptr, stride_gc, stride_gb, rows, m, 0) + _row_g(g_ptr, stride_gc, stride_gb, rows, m, 1)
+            f = (_row_g(g_ptr, stride_gc, stride_gb, rows, m, 0, TERMS)
+                 + _row_g(g_ptr, stride_gc, stride_gb, rows, m, 1, TERMS))
         else:  # one scalar each: no per-element gathers
-            f = tl.load(g_ptr).to(tl.float32) + tl.load(g_ptr + stride_gc).to(tl.float32)
+            f = tl.load(g_ptr).to(tl.float32)
+            if TERMS:
+                f += tl.load(g_ptr + stride_gc).to(tl.float32)
         f = tl.where(m, f, 1.0)
         if _must_scale(f):
             va = tl.load(a_ptr + offs, mask=m, other=0).to(tl.float32)
@@ -279,12 +308,12 @@ def _scale_grads_kernel(
             if HAS_C:
                 vc = tl.load(c_ptr + offs, mask=m, other=0).to(tl.float32)
                 tl.store(c_ptr + offs, (vc * f).to(c_ptr.dtype.element_ty), mask=m)
-    else:
-        beta = tl.cast(beta, tl.float32)
-        lrows = (pid - pix_programs).to(tl.int64) * LAT_ROWS + tl.arange(0, LAT_ROWS).to(tl.int64)
+    for tile in range(pid, lat_tiles, programs):
+        lrows = tl.cast(tile, tl.int64) * LAT_ROWS + tl.arange(0, LAT_ROWS).to(tl.int64)
         lrow_ok = lrows < B
-        w = beta * _row_g(g_ptr, stride_gc, stride_gb, lrows, lrow_ok, 0) + _row_g(g_ptr, stride_gc, stride_gb, lrows, lrow_ok, 3)
-        g2 = _row_g(g_ptr, stride_gc, stride_gb, lrows, lrow_ok, 2)
+        w = (beta * _row_g(g_ptr, stride_gc, stride_gb, lrows, lrow_ok, 0, TERMS)
+             + _row_g(g_ptr, stride_gc, stride_gb, lrows, lrow_ok, 3, TERMS))
+        g2 = _row_g(g_ptr, stride_gc, stride_gb, lrows, lrow_ok, 2, TERMS)
         for l0 in range(0, L, BLOCK_L):
             lcols = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
             lm = lrow_ok[:, None] & (lcols < L)[None, :]
@@ -304,6 +333,22 @@ def _scale_grads_kernel(
 
 # ---- launchers ---------------------------------------------------------------------------------
 
+@dataclass(slots=True)
+class ELBOConfig:
+    """The options of one ELBO call, carried from the launcher into the backward."""
+    likelihood: str                 # "bernoulli", "gaussian" ("mse" is a Gaussian), "continuous_bernoulli"
+    from_logits: bool
+    reduction: str                  # "sum", "batchmean" or "none"
+    inv_sigma: float = 1.0          # the Gaussian's 1 / sigma for a number sigma
+    log_norm: float = 0.0           # the Gaussian's log sigma + log(2 pi) / 2 for a number sigma
+    beta: float = 1.0
+    free_bits: float = 0.0
+    grad: bool = False              # write the gradients in the forward pass
+    x_grad: bool = False            # ... d x too
+    sigma_grad: bool = False        # ... d sigma too (sigma a tensor)
+    terms: bool = True              # out holds (loss, reconstruction, kl, kl_eff); else the loss alone
+
+
 def _row_blocks(N: int, L: int):
     # from the feature sizes only, so a changing batch size (symbolic under torch.compile)
     # reuses one kernel configuration
@@ -311,12 +356,6 @@ def _row_blocks(N: int, L: int):
     block_m = max(1, min(64, _ROW_TILE // block_n))  # capped: tiny N must not make huge tiles
     block_l = min(_MAX_BLOCK_L, next_power_of_2(max(L, 1)))
     return block_m, block_n, block_l
-
-
-def _flat(*tensors) -> bool:
-    """The flat tiling applies: every input dense in row-major order (recon and x then share
-    their flat element order, and so do mu and logvar)."""
-    return all(t.is_contiguous() for t in tensors)
 
 
 def active_dims(mu, logvar, free_bits: float):
@@ -327,101 +366,97 @@ def active_dims(mu, logvar, free_bits: float):
     return (kl.mean(0) > free_bits).float()
 
 
-def elbo_forward(kernel_launch, recon, x, mu, logvar, sigma, inv_sigma: float, log_norm: float,
-                 beta: float, free_bits: float, likelihood: str, from_logits: bool, reduction: str,
-                 grad: bool, x_grad: bool, sigma_grad: bool):
+def elbo_forward(kernel_launch, recon, x, mu, logvar, sigma, cfg: ELBOConfig, counter):
     """(out, d recon, d x, d sigma, d mu, d logvar, active) for 2-D ``recon``/``x`` [B, N],
     ``mu``/``logvar`` [B, L] and ``sigma`` None or [B, N] (the Gaussian's per-element sigma).
 
-    ``out`` is float32 (loss, reconstruction, kl, kl_eff): [4] for "sum"/"batchmean", [4, B] for
-    "none". With ``grad`` the gradients of the reconstruction (d recon, d x, d sigma) and of the
-    unweighted KL (d mu, d logvar), times d loss / d row (1, or 1/B), are written in the same
-    pass, contiguous in their input's dtype (d x only with ``x_grad``, d sigma with
-    ``sigma_grad``); otherwise they are empty. ``active`` is the free-bits mask [L] (empty
-    without free bits). ``kernel_launch`` wraps a kernel for launching (``wrap_triton`` inside a
-    ``triton_op``, or the identity).
+    ``out`` is float32: (loss, reconstruction, kl, kl_eff) [4] for "sum"/"batchmean" (the loss
+    alone, 0-dim, without ``cfg.terms``), [4, B] for "none". With ``cfg.grad`` the gradients of
+    the reconstruction (d recon, d x, d sigma) and of the unweighted KL (d mu, d logvar), times
+    d loss / d row (1, or 1/B), are written in the same pass, contiguous in their input's dtype
+    (d x only with ``cfg.x_grad``, d sigma with ``cfg.sigma_grad``); otherwise they are None.
+    ``active`` is the free-bits mask [L] (None without free bits). ``counter`` is a zeroed int32
+    that the last program sets back to 0 (the second stage of the sums). ``kernel_launch`` wraps
+    a kernel for launching (``wrap_triton`` inside a ``triton_op``, or a direct launcher).
     """
     B, N = recon.shape
     L = mu.shape[1]
     dev = recon.device
-    x_grad = grad and x_grad
-    sigma_grad = grad and sigma_grad and sigma is not None
-
-    def buffer(shape, want, like):
-        return torch.empty(shape if want else (0,), device=dev, dtype=like.dtype)
-
-    drecon = buffer((B, N), grad, recon)
-    dx = buffer((B, N), x_grad, x)
-    dsigma = buffer((B, N), sigma_grad, sigma if sigma is not None else recon)
-    dmu = buffer((B, L), grad, mu)
-    dlogvar = buffer((B, L), grad, logvar)
-    act = active_dims(mu, logvar, free_bits) if free_bits > 0 else torch.empty(0, device=dev)
-    # a pointer that is never written stands in for a buffer that is not asked for
-    act_ptr = act if free_bits > 0 else mu
-    sigma_ptr = sigma if sigma is not None else recon
-    ptrs = (drecon if grad else recon, dx if x_grad else recon, dmu if grad else mu,
-            dlogvar if grad else logvar)
-    scale = 1.0 / B if reduction == "batchmean" else 1.0
-    flags = dict(LIKELIHOOD=likelihood_code(likelihood, from_logits), X_U8=x.dtype == torch.uint8,
-                 GRAD=grad, X_GRAD=x_grad)
+    grad = cfg.grad
+    x_grad = grad and cfg.x_grad
+    sigma_grad = grad and cfg.sigma_grad and sigma is not None
+    free_bits = cfg.free_bits > 0
+    drecon = torch.empty((B, N), device=dev, dtype=recon.dtype) if grad else None
+    dx = torch.empty((B, N), device=dev, dtype=x.dtype) if x_grad else None
+    dsigma = torch.empty((B, N), device=dev, dtype=sigma.dtype) if sigma_grad else None
+    dmu = torch.empty((B, L), device=dev, dtype=mu.dtype) if grad else None
+    dlogvar = torch.empty((B, L), device=dev, dtype=logvar.dtype) if grad else None
+    act = active_dims(mu, logvar, cfg.free_bits) if free_bits else None
+    terms = cfg.terms or cfg.reduction == "none"
+    out = torch.empty((4, B) if cfg.reduction == "none" else (4,) if terms else (), device=dev,
+                      dtype=torch.float32)
+    scale = 1.0 / B if cfg.reduction == "batchmean" else 1.0
+    code = likelihood_code(cfg.likelihood, cfg.from_logits)
+    # a tensor that is never written stands in for a buffer that is not asked for
+    flags = dict(recon_ptr=recon, x_ptr=x, mu_ptr=mu, logvar_ptr=logvar, counter_ptr=counter, out_ptr=out,
+                 drecon_ptr=drecon if grad else recon, dx_ptr=dx if x_grad else recon,
+                 dmu_ptr=dmu if grad else mu, dlogvar_ptr=dlogvar if grad else logvar,
+                 inv_sigma=float(cfg.inv_sigma), log_norm=float(cfg.log_norm), beta=float(cfg.beta),
+                 scale=scale, LIKELIHOOD=code, X_U8=x.dtype == torch.uint8, GRAD=grad, X_GRAD=x_grad,
+                 TERMS=terms, SUM_BLOCK=_SUM_BLOCK, num_warps=_FLAT_WARPS)
 
     # the flat tiling has no free bits (its latent partial sums are whole-batch sums of the KL)
-    if reduction != "none" and sigma is None and free_bits == 0 and _flat(recon, x, mu, logvar):
+    if (cfg.reduction != "none" and sigma is None and not free_bits and recon.is_contiguous()
+            and x.is_contiguous() and mu.is_contiguous() and logvar.is_contiguous()):
         # the heavier likelihoods (probabilities, continuous Bernoulli) hold 4 elements per thread
         # and stream instead of 8, to stay at or above 50% occupancy
-        block = _FLAT_BLOCK // 2 if flags["LIKELIHOOD"] in (BERNOULLI_PROBS, CONT_BERNOULLI) else _FLAT_BLOCK
+        block = _FLAT_BLOCK // 2 if code in (BERNOULLI_PROBS, CONT_BERNOULLI) else _FLAT_BLOCK
         iters = _FLAT_BLOCK * _FLAT_ITERS // block
-        per = block * iters
-        pix_programs = cdiv(B * N, per)
-        programs = pix_programs + cdiv(B * L, per)
+        pix_programs = cdiv(B * N, block * iters)
+        programs = pix_programs + cdiv(B * L, block * iters)
         partial = torch.empty((3, programs), device=dev, dtype=torch.float32)
         kernel_launch(_elbo_flat_kernel)[(programs,)](
-            recon, x, mu, logvar, partial, *ptrs, B * N, B * L, pix_programs, programs,
-            float(inv_sigma), float(log_norm), scale,
-            **flags, BLOCK=block, ITERS=iters, num_warps=_FLAT_WARPS,
-        )
+            partial_ptr=partial, n_pix=B * N, n_lat=B * L, pix_programs=pix_programs, programs=programs,
+            BLOCK=block, ITERS=iters, **flags)
     else:
         block_m, block_n, block_l = _row_blocks(N, L)
         programs = cdiv(B, block_m)
-        partial = torch.empty((4, B) if reduction == "none" else (3, programs), device=dev,
-                              dtype=torch.float32)
+        partial = out if cfg.reduction == "none" else torch.empty((3, programs), device=dev,
+                                                                  dtype=torch.float32)
+        sigma_t = sigma if sigma is not None else recon
         kernel_launch(_elbo_rows_kernel)[(programs,)](
-            recon, x, sigma_ptr, mu, logvar, act_ptr, partial,
-            ptrs[0], ptrs[1], dsigma if sigma_grad else recon, ptrs[2], ptrs[3],
-            B, N, L, partial.shape[1],
-            recon.stride(0), recon.stride(1), x.stride(0), x.stride(1),
-            sigma_ptr.stride(0), sigma_ptr.stride(1),
-            mu.stride(0), mu.stride(1), logvar.stride(0), logvar.stride(1),
-            float(inv_sigma), float(log_norm), float(beta), float(free_bits), scale, **flags,
-            SIGMA_PTR=sigma is not None, SIGMA_GRAD=sigma_grad, FREE_BITS=free_bits > 0,
-            PARTIAL=reduction != "none",
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_L=block_l, num_warps=8,
-        )
-        if reduction == "none":
-            return partial, drecon, dx, dsigma, dmu, dlogvar, act
-    out = torch.empty(4, device=dev, dtype=torch.float32)
-    kernel_launch(_sum_kernel)[(1,)](partial, out, partial.shape[1], float(beta), scale,
-                                     BLOCK=_SUM_BLOCK, num_warps=4)
+            sigma_ptr=sigma_t, act_ptr=act if free_bits else mu, partial_ptr=partial,
+            dsigma_ptr=dsigma if sigma_grad else recon, B=B, N=N, L=L, programs=programs,
+            stride_rb=recon.stride(0), stride_rn=recon.stride(1), stride_xb=x.stride(0), stride_xn=x.stride(1),
+            stride_sb=sigma_t.stride(0), stride_sn=sigma_t.stride(1),
+            stride_mb=mu.stride(0), stride_ml=mu.stride(1), stride_vb=logvar.stride(0),
+            stride_vl=logvar.stride(1), free_bits=float(cfg.free_bits),
+            SIGMA_PTR=sigma is not None, SIGMA_GRAD=sigma_grad, FREE_BITS=free_bits,
+            PARTIAL=cfg.reduction != "none", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_L=block_l, **flags)
     return out, drecon, dx, dsigma, dmu, dlogvar, act
 
 
-def scale_grads_(kernel_launch, grad, beta: float, drecon, dx, dsigma, dmu, dlogvar, act) -> None:
+def scale_grads_(kernel_launch, grad, beta: float, drecon, dx, dsigma, dmu, dlogvar, act,
+                 max_programs: int) -> None:
     """Multiply the forward's gradient buffers in place by their factors (see the kernel), for
-    ``grad`` the grad_output of the op's output: [4], or [4, B] per row. ``dx``/``dsigma`` may
-    be empty (not asked for), ``act`` too (no free bits). Programs whose factors are all 1 return
-    at once."""
+    ``grad`` the grad_output of the op's output: the loss's alone (0-dim), [4], or [4, B] per row.
+    ``dx``/``dsigma`` may be None or empty (not asked for), ``act`` too (no free bits). The grid is at most
+    ``max_programs`` programs (a few per SM), each walking its share of the tiles; where every
+    factor is 1 they only read ``grad``."""
     B, N = drecon.shape
     L = dmu.shape[1]
-    stride_gb = 0 if grad.dim() == 1 else grad.stride(1)
-    pix_programs = cdiv(B * N, _FLAT_BLOCK)
+    pix_tiles = cdiv(B * N, _FLAT_BLOCK)
     block_l = min(_MAX_BLOCK_L, next_power_of_2(max(L, 1)))
     lat_rows = _LAT_TILE // block_l
-    programs = pix_programs + cdiv(B, lat_rows)
-    has_b, has_c = dx.numel() > 0, dsigma.numel() > 0
-    kernel_launch(_scale_grads_kernel)[(programs,)](
-        grad, grad.stride(0), stride_gb, act if act.numel() else dmu,
-        drecon, dx if has_b else drecon, dsigma if has_c else drecon, dmu, dlogvar,  # never touched
-        B * N, B, N, L, pix_programs, float(beta),
-        HAS_B=has_b, HAS_C=has_c, FREE_BITS=act.numel() > 0, PER_ROW=grad.dim() == 2, BLOCK=_FLAT_BLOCK,
-        LAT_ROWS=lat_rows, BLOCK_L=block_l, num_warps=_FLAT_WARPS,
+    lat_tiles = cdiv(B, lat_rows)
+    has_b = dx is not None and dx.numel() > 0
+    has_c = dsigma is not None and dsigma.numel() > 0
+    free_bits = act is not None and act.numel() > 0
+    kernel_launch(_scale_grads_kernel)[(min(max(pix_tiles, lat_tiles), max_programs),)](
+        g_ptr=grad, stride_gc=grad.stride(0) if grad.dim() else 0,
+        stride_gb=grad.stride(1) if grad.dim() == 2 else 0, act_ptr=act if free_bits else dmu,
+        a_ptr=drecon, b_ptr=dx if has_b else drecon, c_ptr=dsigma if has_c else drecon,  # never touched
+        d_ptr=dmu, e_ptr=dlogvar, n_pix=B * N, B=B, N=N, L=L, pix_tiles=pix_tiles, lat_tiles=lat_tiles,
+        beta=float(beta), HAS_B=has_b, HAS_C=has_c, FREE_BITS=free_bits, PER_ROW=grad.dim() == 2,
+        TERMS=grad.dim() > 0, BLOCK=_FLAT_BLOCK, LAT_ROWS=lat_rows, BLOCK_L=block_l, num_warps=_FLAT_WARPS,
     )

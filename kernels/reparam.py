@@ -104,27 +104,22 @@ def _reparam_bwd_kernel(
         tl.store(dmu_ptr + offs, acc_mu.to(dmu_ptr.dtype.element_ty), mask=m)
 
 
-def _strides(*ts):
-    out = []
-    for t in ts:
-        out += [t.stride(0), t.stride(1)] if t is not None else [0, 0]
-    return out
-
-
 def reparam_forward(kernel_launch, mu, logvar, eps, seed, num_samples: int = 0):
     """z from 2-D ``mu``/``logvar`` [M, L] and either ``eps`` or a one-element int64 ``seed``:
     [M, L] (``num_samples=0``, eps [M, L]) or [K * M, L] for K = ``num_samples`` >= 1 (eps
     [K * M, L], sample k in rows k * M .. k * M + M - 1), in mu's and logvar's promoted dtype."""
-    out_dtype = torch.promote_types(mu.dtype, logvar.dtype)
+    out_dtype = mu.dtype if mu.dtype == logvar.dtype else torch.promote_types(mu.dtype, logvar.dtype)
     M, L = mu.shape
     K = max(num_samples, 1)
     n_in = M * L
     n = K * n_in
     z = torch.empty((K * M, L), device=mu.device, dtype=out_dtype)
-    contig = all(t is None or t.is_contiguous() for t in (mu, logvar, eps))
+    contig = mu.is_contiguous() and logvar.is_contiguous() and (eps is None or eps.is_contiguous())
     kernel_launch(_reparam_fwd_kernel)[(cdiv(n, _BLOCK),)](
-        mu, logvar, eps if eps is not None else mu, seed if seed is not None else mu, z, n, n_in, L,
-        *_strides(mu, logvar, eps),
+        mu_ptr=mu, logvar_ptr=logvar, eps_ptr=eps if eps is not None else mu,
+        seed_ptr=seed if seed is not None else mu, z_ptr=z, n=n, n_in=n_in, L=L,
+        stride_mb=mu.stride(0), stride_ml=mu.stride(1), stride_vb=logvar.stride(0), stride_vl=logvar.stride(1),
+        stride_eb=eps.stride(0) if eps is not None else 0, stride_el=eps.stride(1) if eps is not None else 0,
         CONTIG=contig, HAS_EPS=eps is not None, RNG64=n >= 2**31, SAMPLES=K > 1, BLOCK=_BLOCK,
         num_warps=_WARPS,
     )
@@ -138,16 +133,21 @@ def reparam_backward(kernel_launch, grad, logvar, eps, seed, eps_grad: bool, num
     M, L = logvar.shape
     K = max(num_samples, 1)
     n_in = M * L
-    dmu = torch.empty((M, L) if num_samples else (0,), device=logvar.device, dtype=logvar.dtype)
-    dlogvar = torch.empty((M, L), device=logvar.device, dtype=logvar.dtype)
-    deps = torch.empty((K * M, L) if eps_grad else (0,), device=logvar.device,
-                       dtype=eps.dtype if eps is not None else logvar.dtype)
-    contig = all(t is None or t.is_contiguous() for t in (grad, logvar, eps))
+    dev = logvar.device
+    empty = torch.empty(0, device=dev, dtype=logvar.dtype)
+    dmu = torch.empty((M, L), device=dev, dtype=logvar.dtype) if num_samples else empty
+    dlogvar = torch.empty((M, L), device=dev, dtype=logvar.dtype)
+    deps = torch.empty((K * M, L), device=dev, dtype=eps.dtype if eps is not None else logvar.dtype) \
+        if eps_grad else empty
+    contig = grad.is_contiguous() and logvar.is_contiguous() and (eps is None or eps.is_contiguous())
     kernel_launch(_reparam_bwd_kernel)[(cdiv(n_in, _BLOCK),)](
-        grad, logvar, eps if eps is not None else logvar, seed if seed is not None else logvar,
-        dmu if num_samples else dlogvar, dlogvar,  # valid pointers, never written without the flags
-        deps if eps_grad else dlogvar,
-        n_in, K, L, *_strides(grad, logvar, eps),
+        g_ptr=grad, logvar_ptr=logvar, eps_ptr=eps if eps is not None else logvar,
+        seed_ptr=seed if seed is not None else logvar,
+        # valid pointers, never written without the flags
+        dmu_ptr=dmu if num_samples else dlogvar, dlogvar_ptr=dlogvar, deps_ptr=deps if eps_grad else dlogvar,
+        n_in=n_in, K=K, L=L,
+        stride_gb=grad.stride(0), stride_gl=grad.stride(1), stride_vb=logvar.stride(0), stride_vl=logvar.stride(1),
+        stride_eb=eps.stride(0) if eps is not None else 0, stride_el=eps.stride(1) if eps is not None else 0,
         CONTIG=contig, HAS_EPS=eps is not None, RNG64=K * n_in >= 2**31, EPS_GRAD=eps_grad,
         DMU=bool(num_samples), BLOCK=_BLOCK, num_warps=_WARPS,
     )
