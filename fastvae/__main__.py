@@ -33,6 +33,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="fastvae op backend")
     p.add_argument("--compile", action="store_true", help="torch.compile the step (CUDA graphs on GPU)")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="on CUDA, run each step eagerly instead of as one replayed CUDA graph")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto (default): bf16 autocast on a CPU with native bf16 (AVX512-BF16/AMX), "
                         "else fp32; the log says which and why")
@@ -85,7 +87,7 @@ def _train_kwargs(args) -> dict:
     return dict(epochs=args.epochs, hidden_dim=args.hidden_dim, batch_size=args.batch_size, lr=args.lr,
                 beta=args.beta, seed=args.seed, device=args.device, backend=args.backend,
                 compile=args.compile, precision=args.precision, amp=args.amp, overwrite=args.overwrite,
-                progress=not args.no_progress, data_dir=args.data_dir)
+                progress=not args.no_progress, data_dir=args.data_dir, cuda_graph=not args.no_cuda_graph)
 
 
 def _run(args) -> int:

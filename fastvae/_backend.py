@@ -10,7 +10,7 @@ import torch.autograd.forward_ad as _forward_ad
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "FASTVAE_BACKEND"
-_TRITON_OPS = __package__ + "._triton_ops"
+TRITON_OPS = __package__ + "._triton_ops"  # the module that registers the Triton ops
 
 
 _IMPORT_ERROR: str | None = None
@@ -20,7 +20,7 @@ _WARNED_FALLBACK_ON_CUDA = False
 def triton_available() -> bool:
     """True when triton imports and fastvae's kernels can be built."""
     global _IMPORT_ERROR
-    if sys.modules.get(_TRITON_OPS) is not None:  # imported already: a dict lookup, per op call
+    if sys.modules.get(TRITON_OPS) is not None:  # imported already: a dict lookup, per op call
         return True
     try:
         from . import _triton_ops  # noqa: F401
@@ -40,7 +40,7 @@ def interpreter_enabled() -> bool:
     """True when Triton's CPU interpreter was on when fastvae's kernels were defined."""
     if not triton_available():
         return False
-    return sys.modules[_TRITON_OPS].KERNELS_INTERPRETED
+    return sys.modules[TRITON_OPS].KERNELS_INTERPRETED
 
 
 def check_backend(backend: str) -> str:
@@ -78,7 +78,8 @@ def resolve(backend: str, *tensors: torch.Tensor) -> str:
     which supports them) and everything else to the fallback. ``triton`` is honoured or refused
     with a clear error, never silently replaced.
     """
-    backend = check_backend(backend)
+    if backend not in BACKENDS:
+        check_backend(backend)
     if backend == "auto":
         backend = default_backend()
     if backend == "auto":
@@ -95,12 +96,12 @@ def resolve(backend: str, *tensors: torch.Tensor) -> str:
                 f"import here ({triton_unavailable_reason()}); install triton (Linux: pip install "
                 "triton) or use backend='torch'"
             )
-        if any(t.dtype == torch.float64 for t in tensors):
+        if torch.float64 in [t.dtype for t in tensors]:
             raise TypeError(
                 "backend='triton' computes in float32 and does not take float64 tensors; "
                 "use backend='torch' (or 'auto') for float64"
             )
-        if has_tangents(*tensors):
+        if forward_ad_on() and has_tangents(*tensors):
             raise RuntimeError(
                 "backend='triton' does not support forward-mode AD (dual tensors of "
                 "torch.autograd.forward_ad): its kernels have no forward derivative; use "

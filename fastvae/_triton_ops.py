@@ -23,7 +23,6 @@ mode), the registered ops run instead, so that the tracer records them.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -36,7 +35,7 @@ from .kernels import elbo as _elbo
 from .kernels import fused_decoder as _fused_decoder
 from .kernels import reparam as _reparam
 from .kernels.elbo import ELBOConfig
-from .kernels.launch import Launcher, persistent_programs, ticket_counter
+from .kernels.launch import Launcher, fresh_scratch, persistent_programs, stream_scratch
 
 # True when TRITON_INTERPRET=1 was set before the kernels were defined: they then run on CPU.
 KERNELS_INTERPRETED = type(_elbo._elbo_flat_kernel).__name__ == "InterpretedFunction"
@@ -55,14 +54,17 @@ def _traced(t: Tensor) -> bool:
     return not _plain(t) and is_fake(t)
 
 
-def _eager(*tensors) -> bool:
+def _eager(recon: Tensor, *others) -> bool:
     """True where a kernel may be launched directly: nothing traces (no torch.compile, no
     dispatch mode such as make_fx's or FakeTensorMode, which would not see the launch) and every
     tensor is plain (a subclass's own __torch_dispatch__ must see the registered op). None
     entries are skipped."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or not _plain(recon):
         return False
-    return all(t is None or _plain(t) for t in tensors)
+    for t in others:
+        if t is not None and not _plain(t):
+            return False
+    return True
 
 
 _LAUNCHERS: dict = {}
@@ -71,19 +73,10 @@ _LAUNCHERS: dict = {}
 def _direct(kernel):
     """The eager launcher of ``kernel``: Triton's binder once per specialization, then its compiled
     launcher directly (``wrap_triton`` instead lets tracers record a launch)."""
-    launcher = _LAUNCHERS.get(kernel)
+    launcher = _LAUNCHERS.get(id(kernel))  # (a JITFunction's own hash is Python code)
     if launcher is None:
-        launcher = _LAUNCHERS[kernel] = Launcher(kernel)
+        launcher = _LAUNCHERS[id(kernel)] = Launcher(kernel)
     return launcher
-
-
-def _on_device(t: Tensor):
-    """t's CUDA device made current for the launches of an eager call (Triton launches on the
-    current device, whatever the tensors' device); nothing to do on CPU or when it already is.
-    The backward needs none: autograd runs a CUDA node's backward with its device current."""
-    if t.is_cuda and t.get_device() != torch.cuda.current_device():
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
 
 
 @triton_op("fastvae::elbo", mutates_args={})
@@ -94,8 +87,7 @@ def elbo(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, sigma: Optional[T
     cfg = ELBOConfig(likelihood=likelihood, from_logits=from_logits, reduction=reduction,
                      inv_sigma=inv_sigma, log_norm=log_norm, beta=beta, free_bits=free_bits, grad=grad,
                      x_grad=x_grad, sigma_grad=sigma_grad)
-    counter = torch.zeros(1, device=recon.device, dtype=torch.int32)
-    out = _elbo.elbo_forward(wrap_triton, recon, x, mu, logvar, sigma, cfg, counter)
+    out = _elbo.elbo_forward(wrap_triton, recon, x, mu, logvar, sigma, cfg, fresh_scratch)
     # an op's outputs may not alias: a new empty tensor for each buffer not asked for
     return tuple(t if t is not None else recon.new_empty(0) for t in out)
 
@@ -184,13 +176,12 @@ class _ELBO(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, recon, x, mu, logvar, sigma, cfg: ELBOConfig):
-        out, *buffers = _elbo.elbo_forward(_direct, recon, x, mu, logvar, sigma, cfg,
-                                           ticket_counter(recon.device))
+        out, *buffers = _elbo.elbo_forward(_direct, recon, x, mu, logvar, sigma, cfg, stream_scratch)
         ctx.cfg = cfg
-        ctx.spent = False
         ctx.set_materialize_grads(False)
-        if cfg.grad:
-            ctx.save_for_backward(*buffers)
+        # new tensors without history, kept as plain attributes (no reference cycle through ctx);
+        # None once the first backward has scaled and handed them over
+        ctx.buffers = buffers if cfg.grad else None
         return out
 
     @staticmethod
@@ -198,13 +189,13 @@ class _ELBO(torch.autograd.Function):
         cfg = ctx.cfg
         if not cfg.grad:
             raise _no_gradient_written()
-        if ctx.spent:  # the buffers were scaled and handed over already
+        if ctx.buffers is None:  # the buffers were scaled and handed over already
             raise RuntimeError(_SECOND_BACKWARD)
         _no_double_backward()
-        ctx.spent = True
-        drecon, dx, dsigma, dmu, dlogvar, active = ctx.saved_tensors
+        drecon, dx, dsigma, dmu, dlogvar, active = ctx.buffers
+        ctx.buffers = None
         _elbo.scale_grads_(_direct, g, cfg.beta, drecon, dx, dsigma, dmu, dlogvar, active,
-                           persistent_programs(g.device))
+                           persistent_programs(drecon.device))
         return (drecon, dx if cfg.x_grad else None, dmu, dlogvar, dsigma if cfg.sigma_grad else None,
                 None)
 
@@ -235,7 +226,10 @@ def reparameterize(mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: Opti
 def reparameterize_backward(grad: Tensor, logvar: Tensor, eps: Optional[Tensor],
                             seed: Optional[Tensor], eps_grad: bool,
                             num_samples: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    return _reparam.reparam_backward(wrap_triton, grad, logvar, eps, seed, eps_grad, num_samples)
+    dmu, dlogvar, deps = _reparam.reparam_backward(wrap_triton, grad, logvar, eps, seed, eps_grad, num_samples)
+    # an op's outputs may not alias: a new empty tensor for each one not computed
+    return (dmu if dmu is not None else logvar.new_empty(0), dlogvar,
+            deps if deps is not None else logvar.new_empty(0))
 
 
 def _reparam_setup(ctx, inputs, output):
@@ -269,20 +263,31 @@ class _Reparameterize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mu, logvar, eps, seed, num_samples):
         z = _reparam.reparam_forward(_direct, mu, logvar, eps, seed, num_samples)
-        _reparam_setup(ctx, (mu, logvar, eps, seed, num_samples), z)
+        if eps is not None or num_samples or mu.dtype != logvar.dtype:
+            _reparam_setup(ctx, (mu, logvar, eps, seed, num_samples), z)
+        else:  # drawn noise, one sample: what the backward needs, as plain attributes
+            ctx.logvar_seed = (logvar, seed)
         return z
 
     @staticmethod
     def backward(ctx, grad):
-        return _reparam_grad(ctx, grad)
+        pair = getattr(ctx, "logvar_seed", None)
+        if pair is None:
+            return _reparam_grad(ctx, grad)
+        # d mu = g (no kernel); d logvar = g eps exp(logvar / 2) / 2, eps drawn again from the seed
+        logvar, seed = pair
+        dlogvar = _reparam.reparam_backward(_direct, grad, logvar, None, seed, False)[1]
+        return grad, dlogvar, None, None, None
 
 
 def reparameterize_apply(mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed: Optional[Tensor],
                          num_samples: int) -> Tensor:
     """``torch.ops.fastvae.reparameterize(...)``, launched directly when nothing traces."""
     if _eager(mu, logvar, eps, seed):
-        with _on_device(mu):
-            return _Reparameterize.apply(mu, logvar, eps, seed, num_samples)
+        if mu.is_cuda and mu.get_device() != torch.cuda.current_device():
+            with torch.cuda.device(mu.device):
+                return _Reparameterize.apply(mu, logvar, eps, seed, num_samples)
+        return _Reparameterize.apply(mu, logvar, eps, seed, num_samples)
     return torch.ops.fastvae.reparameterize(mu, logvar, eps, seed, num_samples)
 
 

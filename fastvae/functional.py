@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from typing import NamedTuple, Optional, Union
 
@@ -198,12 +199,12 @@ def elbo_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, reduction
     r2, x2 = _rows(recon, batch), _rows(x, batch)
     # the loss alone where the caller wants nothing else (one output tensor instead of four)
     terms = return_components or beta_t is not None
-    if _backend.resolve(backend, *(t for t in (recon, x, mu, logvar, sig) if t is not None)) == "triton":
+    tensors = (recon, x, mu, logvar) if sig is None else (recon, x, mu, logvar, sig)
+    if _backend.resolve(backend, *tensors) == "triton":
         # single pass: the gradients are written with the loss whenever autograd will ask for them
         grad = torch.is_grad_enabled() and (recon.requires_grad or x.requires_grad or mu.requires_grad
                                             or logvar.requires_grad or (sig is not None and sig.requires_grad))
-        from . import _triton_ops
-
+        _triton_ops = sys.modules[_backend.TRITON_OPS]  # imported by resolve()
         cfg = _triton_ops.ELBOConfig(
             likelihood=lik, from_logits=from_logits, reduction=reduction, inv_sigma=inv_sigma,
             log_norm=log_norm, beta=kbeta, free_bits=float(free_bits), grad=grad,
@@ -300,13 +301,11 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, num_samples: Optional[int] = N
     # the kernels take [M, L]; a tensor already of that form goes as it is (each view would add a
     # node to the autograd graph, and the backward's engine time with it)
     width = mu.shape[-1] if mu.dim() else 1
-
-    def rows(t):
-        return t if t.dim() == 2 else t.reshape(-1, width)
-
+    if mu.dim() != 2:
+        mu, logvar = mu.reshape(-1, width), logvar.reshape(-1, width)
+    if eps is not None and eps.dim() != 2:
+        eps = eps.reshape(-1, width)
     seed = _draw_seed(mu.device, generator) if eps is None else None
-    from . import _triton_ops
-
-    z = _triton_ops.reparameterize_apply(rows(mu), rows(logvar), None if eps is None else rows(eps), seed,
-                                         0 if num_samples is None else num_samples)
+    z = sys.modules[_backend.TRITON_OPS].reparameterize_apply(  # imported by resolve()
+        mu, logvar, eps, seed, 0 if num_samples is None else num_samples)
     return z if z.shape == shape else z.view(shape)

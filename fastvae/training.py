@@ -41,6 +41,7 @@ from ._step import manual_step_supported, vae_elbo_grads
 from .data import DATASETS, Dataset, load_dataset
 from .evaluate import evaluate, neg_elbo_sum
 from .functional import reparameterize
+from .graph_step import GraphStep, unsupported_reason
 from .iwae import iwae_loss
 from .model import VAE, check_positive_int
 from .modules import FusedELBO
@@ -407,11 +408,16 @@ class Trainer:
     """
 
     def __init__(self, model: VAE, cfg: dict, device: torch.device, d: Optional[_Dist] = None,
-                 backend: str = "auto", compile: bool = False, amp: bool = False):
+                 backend: str = "auto", compile: bool = False, amp: bool = False, cuda_graph: bool = False):
         d = d or _Dist()
         self.model, self.cfg, self.device, self.d = model, cfg, device, d
         self.loss_fn = FusedELBO(reduction="sum", beta=cfg["beta"], backend=backend)
+        # the step as one CUDA graph (fastvae.graph_step) where it applies
+        self.graph_off = (unsupported_reason(device, d.world, compile, cfg.get("objective", "elbo"))
+                          if cuda_graph else "turned off")
         adam_kw = {"fused": True} if device.type in ("cuda", "cpu") else {}
+        if self.graph_off is None:
+            adam_kw["capturable"] = True
         self.opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], **adam_kw)
         self._adam = None  # (state, param_groups, params, exp_avgs, exp_avg_sqs, steps): see optimizer_step
         # same permutation on every rank; distinct reparameterisation noise per rank
@@ -424,7 +430,11 @@ class Trainer:
 
             ids = [device.index] if device.type == "cuda" else None
             self.net = DistributedDataParallel(self.net, device_ids=ids)
-        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if amp
+            # the loss is summed over the global batch: its gradient is the sum of the ranks'
+            self.net.register_comm_hook(state=None, hook=_allreduce_sum)
+        # a graph replays the casts it captured: autocast's weight cache would go stale
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16,
+                                        cache_enabled=self.graph_off is not None) if amp
                          else contextlib.nullcontext())
         self.forward_loss = self._forward_loss
         self.compiled = compile
@@ -435,6 +445,7 @@ class Trainer:
         if compile:
             mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on GPU
             self.forward_loss = torch.compile(self._forward_loss, mode=mode)
+        self.graph = GraphStep(self) if self.graph_off is None else None
 
     def _forward_loss(self, xb: Tensor, eps: Optional[Tensor] = None) -> Tensor:
         xf = self.model.prepare_input(xb)  # uint8 -> float once, shared by the encoder and the loss
@@ -465,9 +476,9 @@ class Trainer:
                 shape = (self.cfg["train_samples"], *shape)
             eps = torch.randn(shape, generator=self.noise_gen, device=self.device)
         loss = self.forward_loss(xb, eps)
-        # DDP averages gradients over ranks; scaling by the world size makes them the gradient
-        # of the summed loss over the global batch, as in one process
-        (loss * self.d.world if self.d.world > 1 else loss).backward()
+        # under DDP the gradients are summed over ranks (_allreduce_sum), not averaged: the loss's
+        # own gradient stays 1, so the fused loss hands over its gradients without a second pass
+        loss.backward()
         self.optimizer_step()
         return loss.detach()
 
@@ -524,6 +535,13 @@ class Trainer:
         self.noise_gen.set_state(state["noise"][self.d.rank])
 
 
+def _allreduce_sum(_state, bucket):
+    """DDP communication hook: all-reduce a gradient bucket as a sum (DDP's default averages it,
+    which a loss scaled by the world size would undo at the cost of rescaling every gradient)."""
+    work = dist.all_reduce(bucket.buffer(), async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
 def _optimizer_hooks(opt: torch.optim.Optimizer) -> bool:
     return bool(opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks
                 or _optim._global_optimizer_pre_hooks or _optim._global_optimizer_post_hooks)
@@ -560,8 +578,13 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 def train_epoch(trainer: Trainer, x: Tensor, desc: str = "train", progress: bool = False) -> Tensor:
     """One epoch over ``x`` (uint8 or float images on the device): the summed loss, on the device."""
     trainer.model.train()
-    total = torch.zeros((), dtype=torch.float64, device=x.device)
     batches = trainer.batches(x.shape[0])
+    if trainer.graph is not None:  # one replayed CUDA graph per step, the loss summed inside it
+        trainer.graph.total.zero_()
+        for idx in _progress(batches, len(batches), desc, progress):
+            trainer.graph.run(x, idx)
+        return trainer.graph.total.clone()
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
     for idx in _progress(batches, len(batches), desc, progress):
         total += trainer.step(x.index_select(0, idx))
     return total
@@ -582,7 +605,7 @@ def train(dataset: Union[str, Dataset, None] = None, *, epochs: Optional[int] = 
           precision: str = "auto", amp: bool = False, resume: bool = False, overwrite: bool = False,
           iw_samples: int = 0, data_dir: Union[str, Path, None] = None, figures: bool = True,
           progress: bool = True, init: Optional[VAE] = None, objective: Optional[str] = None,
-          train_samples: Optional[int] = None) -> TrainResult:
+          train_samples: Optional[int] = None, cuda_graph: bool = True) -> TrainResult:
     """Train the classic VAE and write its outputs.
 
     Args:
@@ -599,6 +622,9 @@ def train(dataset: Union[str, Dataset, None] = None, *, epochs: Optional[int] = 
             by another run is refused.
         backend: fastvae's op backend ("auto", "triton", "torch").
         compile: ``torch.compile`` the forward and loss (CUDA graphs on GPU).
+        cuda_graph: on CUDA, run each training step as one replayed CUDA graph (forward, loss,
+            backward, Adam; :mod:`fastvae.graph_step`), where it applies: one process, no
+            ``compile``, the ELBO objective. metrics.json's "cuda_graph" says whether it ran.
         precision: "auto" (bf16 autocast on a CPU with native bf16, else fp32; see
             :func:`choose_precision`), "fp32" or "bf16". The log and metrics.json say which and why.
         amp: the same as ``precision="bf16"`` (kept for older code).
@@ -678,7 +704,7 @@ def train(dataset: Union[str, Dataset, None] = None, *, epochs: Optional[int] = 
         d, dev = _init_distributed(device)
         try:
             return _train(cfg, dataset, dev, d, out, ckpt, backend, compile, precision, resume,
-                          iw_samples, data_dir, figures, progress, init,
+                          iw_samples, data_dir, figures, progress, init, cuda_graph,
                           clear=folder.clear if (folder is not None and overwrite) else None)
         finally:
             if d.owns_group:
@@ -692,7 +718,7 @@ def train(dataset: Union[str, Dataset, None] = None, *, epochs: Optional[int] = 
 
 
 def _train(cfg, dataset, dev, d, out, ckpt, backend, compile, precision, resume, iw_samples, data_dir,
-           figures, progress, init, clear=None) -> TrainResult:
+           figures, progress, init, cuda_graph, clear=None) -> TrainResult:
     if resume and ckpt is None:
         _log(d, f"fastvae: no checkpoint in {out}: starting a new run")
     if isinstance(dataset, Dataset):
@@ -720,7 +746,8 @@ def _train(cfg, dataset, dev, d, out, ckpt, backend, compile, precision, resume,
             raise ValueError(f"init takes {init.input_dim} inputs, {data.name} has {data.input_dim}")
         model.load_state_dict(init.state_dict())
     used_precision, why = choose_precision(precision, dev)
-    trainer = Trainer(model, cfg, dev, d, backend, compile, amp=used_precision == "bf16")
+    trainer = Trainer(model, cfg, dev, d, backend, compile, amp=used_precision == "bf16",
+                      cuda_graph=cuda_graph)
     history = {"train_loss": [], "test_loss": [], "epoch_seconds": []}
     start_epoch = 0
     if ckpt is not None:
@@ -737,12 +764,16 @@ def _train(cfg, dataset, dev, d, out, ckpt, backend, compile, precision, resume,
         "n_train": n_train, "n_test": data.test_x.shape[0], "device": _device_name(dev),
         "world_size": d.world, "precision": used_precision, "precision_reason": why,
         "config": {**cfg, "backend": backend, "compile": compile, "precision": precision},
+        "cuda_graph": trainer.graph is not None,
     }
     _log(d, f"fastvae: training a {data.input_dim}-{cfg['hidden_dim']}-{cfg['latent_dim']} VAE on "
             f"{data.name} ({n_train} train / {data.test_x.shape[0]} test images) on {metrics['device']}"
             + (f" with {d.world} processes" if d.world > 1 else "")
             + (f", objective: the IWAE bound with K={cfg['train_samples']}" if cfg["objective"] == "iwae" else ""))
     _log(d, f"fastvae: precision {used_precision} ({why})")
+    if dev.type == "cuda":
+        _log(d, "fastvae: each step is one CUDA graph" if trainer.graph is not None
+             else f"fastvae: steps run eagerly (CUDA graph: {trainer.graph_off})")
 
     for epoch in range(start_epoch, cfg["epochs"]):
         t0 = time.perf_counter()

@@ -33,6 +33,7 @@ in the kernel body, so torch's analysis of which tensors a kernel writes sees on
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,7 @@ import triton
 import triton.language as tl
 
 from . import cdiv, next_power_of_2
+from .launch import Static, launch
 
 # flat tiling: BLOCK elements per step, ITERS steps per program; with 8 warps a thread holds 8
 # elements per stream and step (fp32: two 128-bit loads, bf16: one), at 48 registers (fp32, sm_90);
@@ -366,7 +368,21 @@ def active_dims(mu, logvar, free_bits: float):
     return (kl.mean(0) > free_bits).float()
 
 
-def elbo_forward(kernel_launch, recon, x, mu, logvar, sigma, cfg: ELBOConfig, counter):
+@functools.lru_cache(maxsize=256)
+def _flat_static(B: int, N: int, L: int, code: int, x_u8: bool, grad: bool, x_grad: bool, terms: bool):
+    # (programs, the flat kernel's arguments fixed by the shapes and options)
+    # the heavier likelihoods (probabilities, continuous Bernoulli) hold 4 elements per thread and
+    # stream instead of 8, to stay at or above 50% occupancy
+    block = _FLAT_BLOCK // 2 if code == BERNOULLI_PROBS or code == CONT_BERNOULLI else _FLAT_BLOCK
+    per_program = _FLAT_BLOCK * _FLAT_ITERS
+    pix_programs = cdiv(B * N, per_program)
+    programs = pix_programs + cdiv(B * L, per_program)
+    return programs, Static(n_pix=B * N, n_lat=B * L, pix_programs=pix_programs, programs=programs,
+                            LIKELIHOOD=code, X_U8=x_u8, GRAD=grad, X_GRAD=x_grad, TERMS=terms, BLOCK=block,
+                            ITERS=per_program // block, SUM_BLOCK=_SUM_BLOCK, num_warps=_FLAT_WARPS)
+
+
+def elbo_forward(kernel_launch, recon, x, mu, logvar, sigma, cfg: ELBOConfig, scratch):
     """(out, d recon, d x, d sigma, d mu, d logvar, active) for 2-D ``recon``/``x`` [B, N],
     ``mu``/``logvar`` [B, L] and ``sigma`` None or [B, N] (the Gaussian's per-element sigma).
 
@@ -375,9 +391,10 @@ def elbo_forward(kernel_launch, recon, x, mu, logvar, sigma, cfg: ELBOConfig, co
     the reconstruction (d recon, d x, d sigma) and of the unweighted KL (d mu, d logvar), times
     d loss / d row (1, or 1/B), are written in the same pass, contiguous in their input's dtype
     (d x only with ``cfg.x_grad``, d sigma with ``cfg.sigma_grad``); otherwise they are None.
-    ``active`` is the free-bits mask [L] (None without free bits). ``counter`` is a zeroed int32
-    that the last program sets back to 0 (the second stage of the sums). ``kernel_launch`` wraps
-    a kernel for launching (``wrap_triton`` inside a ``triton_op``, or a direct launcher).
+    ``active`` is the free-bits mask [L] (None without free bits). ``scratch(device, floats)``
+    gives the partial sums' buffer and the zeroed int32 counter of the last-program reduction
+    (``launch.fresh_scratch`` or ``launch.stream_scratch``). ``kernel_launch`` wraps a kernel for
+    launching (``wrap_triton`` inside a ``triton_op``, or a direct launcher).
     """
     B, N = recon.shape
     L = mu.shape[1]
@@ -386,77 +403,81 @@ def elbo_forward(kernel_launch, recon, x, mu, logvar, sigma, cfg: ELBOConfig, co
     x_grad = grad and cfg.x_grad
     sigma_grad = grad and cfg.sigma_grad and sigma is not None
     free_bits = cfg.free_bits > 0
-    drecon = torch.empty((B, N), device=dev, dtype=recon.dtype) if grad else None
-    dx = torch.empty((B, N), device=dev, dtype=x.dtype) if x_grad else None
-    dsigma = torch.empty((B, N), device=dev, dtype=sigma.dtype) if sigma_grad else None
-    dmu = torch.empty((B, L), device=dev, dtype=mu.dtype) if grad else None
-    dlogvar = torch.empty((B, L), device=dev, dtype=logvar.dtype) if grad else None
+    per_row = cfg.reduction == "none"
+    dense = torch.contiguous_format
+    drecon = torch.empty_like(recon, memory_format=dense) if grad else None
+    dx = torch.empty_like(x, memory_format=dense) if x_grad else None
+    dsigma = torch.empty_like(sigma, memory_format=dense) if sigma_grad else None
+    dmu = torch.empty_like(mu, memory_format=dense) if grad else None
+    dlogvar = torch.empty_like(logvar, memory_format=dense) if grad else None
     act = active_dims(mu, logvar, cfg.free_bits) if free_bits else None
-    terms = cfg.terms or cfg.reduction == "none"
-    out = torch.empty((4, B) if cfg.reduction == "none" else (4,) if terms else (), device=dev,
-                      dtype=torch.float32)
-    scale = 1.0 / B if cfg.reduction == "batchmean" else 1.0
+    terms = cfg.terms or per_row
+    out = torch.empty((4, B) if per_row else (4,) if terms else (), device=dev, dtype=torch.float32)
     code = likelihood_code(cfg.likelihood, cfg.from_logits)
     # a tensor that is never written stands in for a buffer that is not asked for
-    flags = dict(recon_ptr=recon, x_ptr=x, mu_ptr=mu, logvar_ptr=logvar, counter_ptr=counter, out_ptr=out,
-                 drecon_ptr=drecon if grad else recon, dx_ptr=dx if x_grad else recon,
-                 dmu_ptr=dmu if grad else mu, dlogvar_ptr=dlogvar if grad else logvar,
-                 inv_sigma=float(cfg.inv_sigma), log_norm=float(cfg.log_norm), beta=float(cfg.beta),
-                 scale=scale, LIKELIHOOD=code, X_U8=x.dtype == torch.uint8, GRAD=grad, X_GRAD=x_grad,
-                 TERMS=terms, SUM_BLOCK=_SUM_BLOCK, num_warps=_FLAT_WARPS)
+    tensors = dict(recon_ptr=recon, x_ptr=x, mu_ptr=mu, logvar_ptr=logvar, out_ptr=out,
+                   drecon_ptr=drecon if grad else recon, dx_ptr=dx if x_grad else recon,
+                   dmu_ptr=dmu if grad else mu, dlogvar_ptr=dlogvar if grad else logvar)
+    scalars = dict(inv_sigma=float(cfg.inv_sigma), log_norm=float(cfg.log_norm), beta=float(cfg.beta),
+                   scale=1.0 / B if cfg.reduction == "batchmean" else 1.0)
 
     # the flat tiling has no free bits (its latent partial sums are whole-batch sums of the KL)
-    if (cfg.reduction != "none" and sigma is None and not free_bits and recon.is_contiguous()
-            and x.is_contiguous() and mu.is_contiguous() and logvar.is_contiguous()):
-        # the heavier likelihoods (probabilities, continuous Bernoulli) hold 4 elements per thread
-        # and stream instead of 8, to stay at or above 50% occupancy
-        block = _FLAT_BLOCK // 2 if code in (BERNOULLI_PROBS, CONT_BERNOULLI) else _FLAT_BLOCK
-        iters = _FLAT_BLOCK * _FLAT_ITERS // block
-        pix_programs = cdiv(B * N, block * iters)
-        programs = pix_programs + cdiv(B * L, block * iters)
-        partial = torch.empty((3, programs), device=dev, dtype=torch.float32)
-        kernel_launch(_elbo_flat_kernel)[(programs,)](
-            partial_ptr=partial, n_pix=B * N, n_lat=B * L, pix_programs=pix_programs, programs=programs,
-            BLOCK=block, ITERS=iters, **flags)
-    else:
-        block_m, block_n, block_l = _row_blocks(N, L)
-        programs = cdiv(B, block_m)
-        partial = out if cfg.reduction == "none" else torch.empty((3, programs), device=dev,
-                                                                  dtype=torch.float32)
-        sigma_t = sigma if sigma is not None else recon
-        kernel_launch(_elbo_rows_kernel)[(programs,)](
-            sigma_ptr=sigma_t, act_ptr=act if free_bits else mu, partial_ptr=partial,
-            dsigma_ptr=dsigma if sigma_grad else recon, B=B, N=N, L=L, programs=programs,
-            stride_rb=recon.stride(0), stride_rn=recon.stride(1), stride_xb=x.stride(0), stride_xn=x.stride(1),
-            stride_sb=sigma_t.stride(0), stride_sn=sigma_t.stride(1),
-            stride_mb=mu.stride(0), stride_ml=mu.stride(1), stride_vb=logvar.stride(0),
-            stride_vl=logvar.stride(1), free_bits=float(cfg.free_bits),
-            SIGMA_PTR=sigma is not None, SIGMA_GRAD=sigma_grad, FREE_BITS=free_bits,
-            PARTIAL=cfg.reduction != "none", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_L=block_l, **flags)
+    if (not per_row and sigma is None and not free_bits and recon.is_contiguous() and x.is_contiguous()
+            and mu.is_contiguous() and logvar.is_contiguous()):
+        programs, static = _flat_static(B, N, L, code, x.dtype == torch.uint8, grad, x_grad, terms)
+        partial, counter = scratch(dev, 3 * programs)
+        launch(kernel_launch, _elbo_flat_kernel, (programs,), static, partial_ptr=partial, counter_ptr=counter,
+               **tensors, **scalars)
+        return out, drecon, dx, dsigma, dmu, dlogvar, act
+
+    block_m, block_n, block_l = _row_blocks(N, L)
+    programs = cdiv(B, block_m)
+    # per row: no reduction, out stands in for the partial sums and the counter
+    partial, counter = (out, out) if per_row else scratch(dev, 3 * programs)
+    sigma_t = sigma if sigma is not None else recon
+    kernel_launch(_elbo_rows_kernel)[(programs,)](
+        sigma_ptr=sigma_t, act_ptr=act if free_bits else mu, dsigma_ptr=dsigma if sigma_grad else recon,
+        partial_ptr=partial, counter_ptr=counter, B=B, N=N, L=L, programs=programs,
+        stride_rb=recon.stride(0), stride_rn=recon.stride(1), stride_xb=x.stride(0), stride_xn=x.stride(1),
+        stride_sb=sigma_t.stride(0), stride_sn=sigma_t.stride(1),
+        stride_mb=mu.stride(0), stride_ml=mu.stride(1), stride_vb=logvar.stride(0),
+        stride_vl=logvar.stride(1), free_bits=float(cfg.free_bits), LIKELIHOOD=code,
+        X_U8=x.dtype == torch.uint8, GRAD=grad, X_GRAD=x_grad, SIGMA_PTR=sigma is not None,
+        SIGMA_GRAD=sigma_grad, FREE_BITS=free_bits, PARTIAL=not per_row, TERMS=terms, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_L=block_l, SUM_BLOCK=_SUM_BLOCK, num_warps=_FLAT_WARPS, **tensors, **scalars)
     return out, drecon, dx, dsigma, dmu, dlogvar, act
+
+
+@functools.lru_cache(maxsize=256)
+def _scale_static(B: int, N: int, L: int, max_programs: int, has_b: bool, has_c: bool, free_bits: bool,
+                  dims: int, stride_gc: int, stride_gb: int):
+    # (programs, the scaling kernel's arguments fixed by the shapes and options)
+    pix_tiles = cdiv(B * N, _FLAT_BLOCK)
+    block_l = min(_MAX_BLOCK_L, next_power_of_2(max(L, 1)))
+    lat_rows = _LAT_TILE // block_l
+    lat_tiles = cdiv(B, lat_rows)
+    programs = min(max(pix_tiles, lat_tiles), max_programs)
+    return programs, Static(stride_gc=stride_gc, stride_gb=stride_gb, n_pix=B * N, B=B, N=N, L=L,
+                            pix_tiles=pix_tiles, lat_tiles=lat_tiles, HAS_B=has_b, HAS_C=has_c,
+                            FREE_BITS=free_bits, PER_ROW=dims == 2, TERMS=dims > 0, BLOCK=_FLAT_BLOCK,
+                            LAT_ROWS=lat_rows, BLOCK_L=block_l, num_warps=_FLAT_WARPS)
 
 
 def scale_grads_(kernel_launch, grad, beta: float, drecon, dx, dsigma, dmu, dlogvar, act,
                  max_programs: int) -> None:
     """Multiply the forward's gradient buffers in place by their factors (see the kernel), for
     ``grad`` the grad_output of the op's output: the loss's alone (0-dim), [4], or [4, B] per row.
-    ``dx``/``dsigma`` may be None or empty (not asked for), ``act`` too (no free bits). The grid is at most
-    ``max_programs`` programs (a few per SM), each walking its share of the tiles; where every
-    factor is 1 they only read ``grad``."""
+    ``dx``/``dsigma`` may be None or empty (not asked for), ``act`` too (no free bits). The grid is
+    at most ``max_programs`` programs (a few per SM), each walking its share of the tiles; where
+    every factor is 1 they only read ``grad``."""
     B, N = drecon.shape
-    L = dmu.shape[1]
-    pix_tiles = cdiv(B * N, _FLAT_BLOCK)
-    block_l = min(_MAX_BLOCK_L, next_power_of_2(max(L, 1)))
-    lat_rows = _LAT_TILE // block_l
-    lat_tiles = cdiv(B, lat_rows)
     has_b = dx is not None and dx.numel() > 0
     has_c = dsigma is not None and dsigma.numel() > 0
     free_bits = act is not None and act.numel() > 0
-    kernel_launch(_scale_grads_kernel)[(min(max(pix_tiles, lat_tiles), max_programs),)](
-        g_ptr=grad, stride_gc=grad.stride(0) if grad.dim() else 0,
-        stride_gb=grad.stride(1) if grad.dim() == 2 else 0, act_ptr=act if free_bits else dmu,
-        a_ptr=drecon, b_ptr=dx if has_b else drecon, c_ptr=dsigma if has_c else drecon,  # never touched
-        d_ptr=dmu, e_ptr=dlogvar, n_pix=B * N, B=B, N=N, L=L, pix_tiles=pix_tiles, lat_tiles=lat_tiles,
-        beta=float(beta), HAS_B=has_b, HAS_C=has_c, FREE_BITS=free_bits, PER_ROW=grad.dim() == 2,
-        TERMS=grad.dim() > 0, BLOCK=_FLAT_BLOCK, LAT_ROWS=lat_rows, BLOCK_L=block_l, num_warps=_FLAT_WARPS,
-    )
+    dims = grad.dim()
+    programs, static = _scale_static(B, N, dmu.shape[1], max_programs, has_b, has_c, free_bits, dims,
+                                     grad.stride(0) if dims else 0, grad.stride(1) if dims == 2 else 0)
+    # b, c and act: a buffer that is never touched stands in for one not asked for
+    launch(kernel_launch, _scale_grads_kernel, (programs,), static, g_ptr=grad,
+           act_ptr=act if free_bits else dmu, a_ptr=drecon, b_ptr=dx if has_b else drecon,
+           c_ptr=dsigma if has_c else drecon, d_ptr=dmu, e_ptr=dlogvar, beta=float(beta))

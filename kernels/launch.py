@@ -30,8 +30,9 @@ from triton import knobs
 
 def _hooks_installed() -> bool:
     # triton >= 3.5: HookChain objects (empty unless a profiler adds one); older: None or a callable
-    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
-    return any(getattr(h, "calls", h) for h in hooks)
+    runtime = knobs.runtime
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return bool(getattr(enter, "calls", enter) or getattr(leave, "calls", leave))
 
 
 def _binder(names, constexprs, tensors, ints, options):
@@ -48,6 +49,25 @@ def _binder(names, constexprs, tensors, ints, options):
     return scope["bind"]
 
 
+class Static:
+    """The launch arguments that a call site derives from its shapes and options alone (sizes,
+    ``tl.constexpr`` flags, launch options), hashable. A site makes them with an ``lru_cache``d
+    function of those shapes and options, so that each distinct value is one object, and passes
+    the tensors and the runtime floats of each call beside it (:func:`launch`)."""
+
+    __slots__ = ("kwargs", "_hash")
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self._hash = hash(tuple(sorted(kwargs.items())))
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return self is other or (isinstance(other, Static) and self.kwargs == other.kwargs)
+
+
 class Launcher:
     """A Triton kernel's launcher that binds its arguments once per specialization."""
 
@@ -56,6 +76,7 @@ class Launcher:
         self.interpreted = not hasattr(kernel, "device_caches")  # an InterpretedFunction
         self.bind = None
         self.compiled: dict = {}
+        self.bound: dict = {}  # (id(static), device, dtypes) -> (static, run, function, metadata, args)
 
     def __getitem__(self, grid):
         return lambda **kwargs: self.launch(grid, kwargs)
@@ -73,66 +94,123 @@ class Launcher:
             tuple(n for n in runtime if isinstance(kwargs[n], torch.Tensor)),
             tuple(n for n in runtime if type(kwargs[n]) is int),
             tuple(sorted(k for k in kwargs if k not in names)))
+        self.names = names
         driver = triton.runtime.driver.active
         self.device, self.stream = driver.get_current_device, driver.get_current_stream
 
     def launch(self, grid, kwargs):
+        """``kernel[grid](**kwargs)``; returns (run, function, metadata, positional arguments) where
+        the direct call applies, else None."""
         if self.interpreted or _hooks_installed():
-            return self.kernel[grid](**kwargs)
+            self.kernel[grid](**kwargs)
+            return None
         if self.bind is None:
             self._learn(kwargs)
         try:
             key, aligned, args = self.bind(**kwargs)
         except (AttributeError, TypeError):   # arguments of another kind or name: Triton's path
-            return self.kernel[grid](**kwargs)
+            self.kernel[grid](**kwargs)
+            return None
         device = self.device()
         hit = self.compiled.get((device, key)) if aligned else None
         if hit is None:
             compiled = self.kernel[grid](**kwargs)        # compiles if needed, and launches
-            if aligned:
-                self.compiled[device, key] = (compiled.run, compiled.function, compiled.packed_metadata)
-            return compiled
+            if not aligned:
+                return None
+            hit = self.compiled[device, key] = (compiled.run, compiled.function, compiled.packed_metadata)
+            return hit + (args,)
         run, function, metadata = hit
         n = len(grid)
         run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, self.stream(device), function,
             metadata, None, None, None, *args)
-        return None
+        return hit + (args,)
+
+    def launch_static(self, grid, static: Static, dynamic: dict) -> None:
+        """``kernel[grid](**static.kwargs, **dynamic)`` for ``dynamic`` the tensors and floats of
+        one call: the key is computed once per (static, device, the tensors' dtypes), and a call
+        only checks the tensors' alignment and fills their places in the bound arguments."""
+        if self.interpreted or self.bind is None or _hooks_installed():
+            self.launch(grid, {**static.kwargs, **dynamic})
+            return
+        values = list(dynamic.values())
+        ptrs = 0
+        dtypes = []
+        for v in values:
+            if v.__class__ is not float:
+                ptrs |= v.data_ptr()
+                dtypes.append(v.dtype)
+        device = self.device()
+        hit = self.bound.get((id(static), device, *dtypes)) if ptrs % 16 == 0 else None
+        if hit is None or hit[0] is not static:
+            bound = self.launch(grid, {**static.kwargs, **dynamic})
+            if bound is not None and ptrs % 16 == 0:
+                run, function, metadata, args = bound
+                slots = [self.names.index(name) for name in dynamic]
+                self.bound[(id(static), device, *dtypes)] = (static, run, function, metadata, list(args), slots)
+            return
+        _, run, function, metadata, args, slots = hit
+        args = args[:]
+        for i, v in zip(slots, values):
+            args[i] = v
+        n = len(grid)
+        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, self.stream(device), function,
+            metadata, None, None, None, *args)
+
+
+def launch(kernel_launch, kernel, grid, static: Static, **dynamic) -> None:
+    """``kernel_launch(kernel)[grid](**static.kwargs, **dynamic)``: through a :class:`Launcher`'s
+    bound arguments where ``kernel_launch`` gives one, else as given (``wrap_triton`` records the
+    launch for a tracer)."""
+    runner = kernel_launch(kernel)
+    if isinstance(runner, Launcher):
+        runner.launch_static(grid, static, dynamic)
+    else:
+        runner[grid](**static.kwargs, **dynamic)
 
 
 # ---- device-side state of the launches ----------------------------------------------------------
 
-_COUNTERS: dict = {}
+_SCRATCH: dict = {}
 _SMS: dict = {}
 
 
-def ticket_counter(device):
-    """A zeroed int32 for the kernels' last-program reductions, which set it back to 0 when they
-    finish: one per device and stream, so launches in stream order never share one in flight.
-    While a CUDA graph is being captured each call gets a new one (zeroed by the graph itself), so
-    that replays of different graphs, on any streams, never share one either."""
+def fresh_scratch(device, floats: int):
+    """(a float32 buffer of ``floats`` elements, a zeroed int32 counter), new on every call."""
     import torch
 
+    return (torch.empty(floats, device=device, dtype=torch.float32),
+            torch.zeros(1, device=device, dtype=torch.int32))
+
+
+def stream_scratch(device, floats: int):
+    """The same as :func:`fresh_scratch`, kept per device and stream: the partial sums of a
+    last-program reduction and its ticket counter, which the last program sets back to 0. Launches
+    on one stream run in order, so they never share them in flight. While a CUDA graph is being
+    captured each call gets new ones (the counter zeroed by the graph itself), so that replays of
+    different graphs, on any streams, never share them either."""
     if device.type == "cuda":
+        import torch
+
         if torch.cuda.is_current_stream_capturing():
-            return torch.zeros(1, device=device, dtype=torch.int32)
+            return fresh_scratch(device, floats)
         index = device.index if device.index is not None else torch.cuda.current_device()
         key = (index, triton.runtime.driver.active.get_current_stream(index))
     else:
-        key = device
-    counter = _COUNTERS.get(key)
-    if counter is None:
-        counter = _COUNTERS[key] = torch.zeros(1, device=device, dtype=torch.int32)
-    return counter
+        key = -1
+    hit = _SCRATCH.get(key)
+    if hit is None or hit[0].numel() < floats:
+        hit = _SCRATCH[key] = fresh_scratch(device, max(floats, 4096))
+    return hit
 
 
 def persistent_programs(device, per_sm: int = 4) -> int:
     """The grid of a persistent kernel on ``device``: ``per_sm`` programs per streaming
     multiprocessor (a fixed 4 x 132 off CUDA: Triton's interpreter, or a driver without a GPU)."""
-    n = _SMS.get(device)
+    if device.type != "cuda":
+        return per_sm * 132
+    n = _SMS.get((device.index, per_sm))
     if n is None:
         import torch
 
-        sms = (torch.cuda.get_device_properties(device).multi_processor_count
-               if device.type == "cuda" else 132)
-        n = _SMS[device] = per_sm * sms
+        n = _SMS[device.index, per_sm] = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     return n

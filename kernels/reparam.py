@@ -25,11 +25,14 @@ d mu is the upstream gradient itself (no kernel).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from . import cdiv
+from .launch import Static, launch
 
 _BLOCK = 1024
 _WARPS = 4
@@ -104,6 +107,23 @@ def _reparam_bwd_kernel(
         tl.store(dmu_ptr + offs, acc_mu.to(dmu_ptr.dtype.element_ty), mask=m)
 
 
+@functools.lru_cache(maxsize=256)
+def _static(n_in: int, K: int, L: int, strides: tuple, contig: bool, has_eps: bool, forward: bool,
+            eps_grad: bool = False, dmu: bool = False):
+    # the forward's or the backward's arguments fixed by the shapes, strides and options
+    (s0b, s0l), (s1b, s1l), (seb, sel) = strides
+    common = dict(L=L, stride_vb=s1b, stride_vl=s1l, stride_eb=seb, stride_el=sel, CONTIG=contig,
+                  HAS_EPS=has_eps, RNG64=K * n_in >= 2**31, BLOCK=_BLOCK, num_warps=_WARPS)
+    if forward:  # strides: mu, logvar, eps
+        return Static(n=K * n_in, n_in=n_in, stride_mb=s0b, stride_ml=s0l, SAMPLES=K > 1, **common)
+    # strides: grad, logvar, eps
+    return Static(n_in=n_in, K=K, stride_gb=s0b, stride_gl=s0l, EPS_GRAD=eps_grad, DMU=dmu, **common)
+
+
+def _strides(t):
+    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+
+
 def reparam_forward(kernel_launch, mu, logvar, eps, seed, num_samples: int = 0):
     """z from 2-D ``mu``/``logvar`` [M, L] and either ``eps`` or a one-element int64 ``seed``:
     [M, L] (``num_samples=0``, eps [M, L]) or [K * M, L] for K = ``num_samples`` >= 1 (eps
@@ -112,43 +132,31 @@ def reparam_forward(kernel_launch, mu, logvar, eps, seed, num_samples: int = 0):
     M, L = mu.shape
     K = max(num_samples, 1)
     n_in = M * L
-    n = K * n_in
     z = torch.empty((K * M, L), device=mu.device, dtype=out_dtype)
     contig = mu.is_contiguous() and logvar.is_contiguous() and (eps is None or eps.is_contiguous())
-    kernel_launch(_reparam_fwd_kernel)[(cdiv(n, _BLOCK),)](
-        mu_ptr=mu, logvar_ptr=logvar, eps_ptr=eps if eps is not None else mu,
-        seed_ptr=seed if seed is not None else mu, z_ptr=z, n=n, n_in=n_in, L=L,
-        stride_mb=mu.stride(0), stride_ml=mu.stride(1), stride_vb=logvar.stride(0), stride_vl=logvar.stride(1),
-        stride_eb=eps.stride(0) if eps is not None else 0, stride_el=eps.stride(1) if eps is not None else 0,
-        CONTIG=contig, HAS_EPS=eps is not None, RNG64=n >= 2**31, SAMPLES=K > 1, BLOCK=_BLOCK,
-        num_warps=_WARPS,
-    )
+    static = _static(n_in, K, L, (_strides(mu), _strides(logvar), _strides(eps)), contig, eps is not None,
+                     forward=True)
+    launch(kernel_launch, _reparam_fwd_kernel, (cdiv(K * n_in, _BLOCK),), static, mu_ptr=mu, logvar_ptr=logvar,
+           eps_ptr=eps if eps is not None else mu, seed_ptr=seed if seed is not None else mu, z_ptr=z)
     return z
 
 
 def reparam_backward(kernel_launch, grad, logvar, eps, seed, eps_grad: bool, num_samples: int = 0):
-    """(d mu or an empty tensor, d logvar, d eps or an empty tensor) for upstream ``grad``
+    """(d mu or None, d logvar, d eps or None) for upstream ``grad``
     ([M, L], or [K * M, L] for K = ``num_samples`` >= 1). d mu is only computed for K >= 1
     (with ``num_samples=0`` it is ``grad`` itself); it is returned in logvar's dtype."""
     M, L = logvar.shape
     K = max(num_samples, 1)
     n_in = M * L
-    dev = logvar.device
-    empty = torch.empty(0, device=dev, dtype=logvar.dtype)
-    dmu = torch.empty((M, L), device=dev, dtype=logvar.dtype) if num_samples else empty
-    dlogvar = torch.empty((M, L), device=dev, dtype=logvar.dtype)
-    deps = torch.empty((K * M, L), device=dev, dtype=eps.dtype if eps is not None else logvar.dtype) \
-        if eps_grad else empty
+    dense = torch.contiguous_format
+    dmu = torch.empty_like(logvar, memory_format=dense) if num_samples else None
+    dlogvar = torch.empty_like(logvar, memory_format=dense)
+    deps = torch.empty((K * M, L), device=logvar.device, dtype=eps.dtype) if eps_grad else None
     contig = grad.is_contiguous() and logvar.is_contiguous() and (eps is None or eps.is_contiguous())
-    kernel_launch(_reparam_bwd_kernel)[(cdiv(n_in, _BLOCK),)](
-        g_ptr=grad, logvar_ptr=logvar, eps_ptr=eps if eps is not None else logvar,
-        seed_ptr=seed if seed is not None else logvar,
-        # valid pointers, never written without the flags
-        dmu_ptr=dmu if num_samples else dlogvar, dlogvar_ptr=dlogvar, deps_ptr=deps if eps_grad else dlogvar,
-        n_in=n_in, K=K, L=L,
-        stride_gb=grad.stride(0), stride_gl=grad.stride(1), stride_vb=logvar.stride(0), stride_vl=logvar.stride(1),
-        stride_eb=eps.stride(0) if eps is not None else 0, stride_el=eps.stride(1) if eps is not None else 0,
-        CONTIG=contig, HAS_EPS=eps is not None, RNG64=K * n_in >= 2**31, EPS_GRAD=eps_grad,
-        DMU=bool(num_samples), BLOCK=_BLOCK, num_warps=_WARPS,
-    )
+    static = _static(n_in, K, L, (_strides(grad), _strides(logvar), _strides(eps)), contig, eps is not None,
+                     forward=False, eps_grad=eps_grad, dmu=bool(num_samples))
+    launch(kernel_launch, _reparam_bwd_kernel, (cdiv(n_in, _BLOCK),), static, g_ptr=grad, logvar_ptr=logvar,
+           eps_ptr=eps if eps is not None else logvar, seed_ptr=seed if seed is not None else logvar,
+           # valid pointers, never written without the flags
+           dmu_ptr=dmu if num_samples else dlogvar, dlogvar_ptr=dlogvar, deps_ptr=deps if eps_grad else dlogvar)
     return dmu, dlogvar, deps

@@ -465,8 +465,8 @@ def test_triton_no_gradient_work_without_grad(monkeypatch):
     seen = []
     real = kernels.elbo_forward
 
-    def spy(kernel_launch, recon, x, mu, logvar, sigma, cfg, counter):
-        out = real(kernel_launch, recon, x, mu, logvar, sigma, cfg, counter)
+    def spy(kernel_launch, recon, x, mu, logvar, sigma, cfg, scratch):
+        out = real(kernel_launch, recon, x, mu, logvar, sigma, cfg, scratch)
         seen.append((cfg.grad, cfg.x_grad, [0 if t is None else t.numel() for t in out[1:6]]))  # d recon..d logvar
         return out
 
