@@ -55,11 +55,12 @@ class FastVAE:
     """fastvae.train()'s own epoch loop (:class:`fastvae.training.Trainer`, :func:`train_epoch`)."""
 
     def __init__(self, data, batch_size: int, lr: float, seed: int, device, compile: bool = False,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", cuda_graph: bool = True):
         self.data = data
         self.model = _init_model(data, seed, device)
         cfg = {"batch_size": batch_size, "lr": lr, "beta": 1.0, "seed": seed}
-        self.trainer = Trainer(self.model, cfg, device, compile=compile, amp=precision == "bf16")
+        self.trainer = Trainer(self.model, cfg, device, compile=compile, amp=precision == "bf16",
+                               cuda_graph=cuda_graph)
 
     def epoch(self) -> float:
         return train_epoch(self.trainer, self.data.train_x).item() / self.data.train_x.shape[0]
@@ -147,6 +148,7 @@ def main(argv=None) -> dict:
     p.add_argument("--floor-seconds", type=float, default=0.2,
                    help="time spent measuring each product of the matmul floor (default 0.2 s)")
     p.add_argument("--compile", action="store_true", help="also torch.compile fastvae's step")
+    p.add_argument("--no-cuda-graph", action="store_true", help="fastvae's step eagerly on CUDA (no graph)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train-<device>.json)")
     args = p.parse_args(argv)
 
@@ -169,7 +171,8 @@ def main(argv=None) -> dict:
     kw = dict(batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=device)
     runners = {"seed_style": SeedStyle(data, **kw)}
     for prec in precisions:
-        runners[f"fastvae_{prec}"] = FastVAE(data, compile=args.compile, precision=prec, **kw)
+        runners[f"fastvae_{prec}"] = FastVAE(data, compile=args.compile, precision=prec,
+                                             cuda_graph=not args.no_cuda_graph, **kw)
     logs = {name: {"epoch_seconds": [], "train_loss": [], "test_loss": []} for name in runners}
     names = list(runners)
     for epoch in range(args.epochs):
@@ -190,7 +193,8 @@ def main(argv=None) -> dict:
         "benchmark": "train-epoch", "dataset": data.name, "n_train": data.train_x.shape[0],
         "n_test": data.test_x.shape[0], "model": "784-400-20", "batch_size": args.batch_size,
         "epochs": args.epochs, "device": _device_name(device), "torch": torch.__version__,
-        "compile": args.compile, "native_bf16": cpu_has_native_bf16() if device.type == "cpu" else None,
+        "compile": args.compile, "cuda_graph": runners[f"fastvae_{precisions[0]}"].trainer.graph is not None,
+        "native_bf16": cpu_has_native_bf16() if device.type == "cpu" else None,
         "matmul_floor": {prec: {**f, "epoch_seconds": f["step_seconds"] * steps} for prec, f in floors.items()},
         "seed_style": {**seed_style, "mean_epoch_seconds": s_mean,
                        "fraction_of_fp32_matmul_floor": fp32_floor / s_mean},

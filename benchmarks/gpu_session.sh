@@ -86,13 +86,15 @@ step ${BENCH_S:-200} ${BENCH_RESERVE:-50} $PY -m pytest benchmarks/test_bench_ke
     --benchmark-json "$OUT/bench-kernels.json" > "$OUT/bench-kernels.log" 2>&1
 tail -n 3 "$OUT/bench-kernels.log"
 
-# 3. end to end: 10 epochs of Fashion-MNIST with fastvae.train (compile + CUDA graphs), then the
-#    side-by-side epoch timing against the seed-style loop
+# 3. end to end: 10 epochs of Fashion-MNIST with fastvae.train (each step one CUDA graph, the
+#    default; then eager steps), then the side-by-side epoch timing against the seed-style loop
 {
     step ${TRAIN_S:-40} 50 $PY -m fastvae train --dataset fashion-mnist --data-dir .data/fashion-mnist --epochs 10 \
-        --device cuda --compile --no-progress --no-figures --out /tmp/run-fmnist --overwrite
+        --device cuda --no-progress --no-figures --out /tmp/run-fmnist --overwrite
+    step ${TRAIN_S:-40} 50 $PY -m fastvae train --dataset fashion-mnist --data-dir .data/fashion-mnist --epochs 10 \
+        --device cuda --no-cuda-graph --no-progress --no-figures --out /tmp/run-fmnist-eager --overwrite
     step 45 5 $PY benchmarks/compare_train.py --dataset fashion-mnist --data-dir .data/fashion-mnist \
-        --epochs 2 --device cuda --compile --out "$OUT/train-cuda.json"
+        --epochs 2 --device cuda --out "$OUT/train-cuda.json"
 } > "$OUT/train.log" 2>&1
 tail -n 25 "$OUT/train.log"
 

@@ -76,7 +76,7 @@ class Launcher:
         self.interpreted = not hasattr(kernel, "device_caches")  # an InterpretedFunction
         self.bind = None
         self.compiled: dict = {}
-        self.bound: dict = {}  # (id(static), device, dtypes) -> (static, run, function, metadata, args)
+        self.direct: dict = {}  # id(static) -> (static, its direct launcher)
 
     def __getitem__(self, grid):
         return lambda **kwargs: self.launch(grid, kwargs)
@@ -127,34 +127,48 @@ class Launcher:
 
     def launch_static(self, grid, static: Static, dynamic: dict) -> None:
         """``kernel[grid](**static.kwargs, **dynamic)`` for ``dynamic`` the tensors and floats of
-        one call: the key is computed once per (static, device, the tensors' dtypes), and a call
-        only checks the tensors' alignment and fills their places in the bound arguments."""
-        if self.interpreted or self.bind is None or _hooks_installed():
-            self.launch(grid, {**static.kwargs, **dynamic})
+        one call. The first call of a ``static`` binds the rest: a launcher written out for it
+        (:func:`_direct_call`), which checks the tensors' dtypes, their alignment and the current
+        device against the bound ones and otherwise calls the compiled launcher directly."""
+        hit = self.direct.get(id(static))
+        if hit is not None and hit[0] is static and not _hooks_installed() and hit[1](grid, **dynamic):
             return
-        values = list(dynamic.values())
-        ptrs = 0
-        dtypes = []
-        for v in values:
-            if v.__class__ is not float:
-                ptrs |= v.data_ptr()
-                dtypes.append(v.dtype)
-        device = self.device()
-        hit = self.bound.get((id(static), device, *dtypes)) if ptrs % 16 == 0 else None
-        if hit is None or hit[0] is not static:
-            bound = self.launch(grid, {**static.kwargs, **dynamic})
-            if bound is not None and ptrs % 16 == 0:
-                run, function, metadata, args = bound
-                slots = [self.names.index(name) for name in dynamic]
-                self.bound[(id(static), device, *dtypes)] = (static, run, function, metadata, list(args), slots)
-            return
-        _, run, function, metadata, args, slots = hit
-        args = args[:]
-        for i, v in zip(slots, values):
-            args[i] = v
-        n = len(grid)
-        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, self.stream(device), function,
-            metadata, None, None, None, *args)
+        kwargs = {**static.kwargs, **dynamic}
+        bound = self.launch(grid, kwargs)
+        if bound is not None:
+            run, function, metadata, args = bound
+            self.direct[id(static)] = (static, _direct_call(
+                self.names, args, dynamic, run, function, metadata, self.device(), self.device, self.stream))
+
+
+def _direct_call(names, args, dynamic: dict, run, function, metadata, device, current_device, stream):
+    """A function of (grid, **dynamic) that launches ``function`` with the bound ``args`` of every
+    other parameter, when the tensors of ``dynamic`` have the dtypes of this call's, all are 16-byte
+    aligned and ``device`` is current; it returns False (launching nothing) otherwise."""
+    tensors = [n for n, v in dynamic.items() if v.__class__ is not float]
+    scope = {"run": run, "function": function, "metadata": metadata, "DEVICE": device,
+             "current_device": current_device, "stream": stream}
+    params = []
+    for i, name in enumerate(names):
+        if name in dynamic:
+            params.append(name)
+        else:
+            scope[f"A{i}"] = args[i]
+            params.append(f"A{i}")
+    checks = []
+    for n in tensors:
+        scope[f"D_{n}"] = dynamic[n].dtype
+        checks.append(f"{n}.dtype is not D_{n}")
+    aligned = " | ".join(f"{n}.data_ptr()" for n in tensors) or "0"
+    src = (f"def call(grid, *, {', '.join(dynamic)}):\n"
+           f"    if {' or '.join(checks) or 'False'} or ({aligned}) % 16 or current_device() != DEVICE:\n"
+           f"        return False\n"
+           f"    n = len(grid)\n"
+           f"    run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream(DEVICE), function, "
+           f"metadata, None, None, None, {', '.join(params)})\n"
+           f"    return True\n")
+    exec(src, scope)  # noqa: S102 (generated from the kernel's parameter names only)
+    return scope["call"]
 
 
 def launch(kernel_launch, kernel, grid, static: Static, **dynamic) -> None:
