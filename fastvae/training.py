@@ -431,7 +431,7 @@ class Trainer:
             ids = [device.index] if device.type == "cuda" else None
             self.net = DistributedDataParallel(self.net, device_ids=ids)
             # the loss is summed over the global batch: its gradient is the sum of the ranks'
-            self.net.register_comm_hook(state=None, hook=_allreduce_sum)
+            self.net.register_comm_hook(state=None, hook=allreduce_sum_hook)
         # a graph replays the casts it captured: autocast's weight cache would go stale
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16,
                                         cache_enabled=self.graph_off is not None) if amp
@@ -476,7 +476,7 @@ class Trainer:
                 shape = (self.cfg["train_samples"], *shape)
             eps = torch.randn(shape, generator=self.noise_gen, device=self.device)
         loss = self.forward_loss(xb, eps)
-        # under DDP the gradients are summed over ranks (_allreduce_sum), not averaged: the loss's
+        # under DDP the gradients are summed over ranks (allreduce_sum_hook), not averaged: the loss's
         # own gradient stays 1, so the fused loss hands over its gradients without a second pass
         loss.backward()
         self.optimizer_step()
@@ -535,7 +535,7 @@ class Trainer:
         self.noise_gen.set_state(state["noise"][self.d.rank])
 
 
-def _allreduce_sum(_state, bucket):
+def allreduce_sum_hook(_state, bucket):
     """DDP communication hook: all-reduce a gradient bucket as a sum (DDP's default averages it,
     which a loss scaled by the world size would undo at the cost of rescaling every gradient)."""
     work = dist.all_reduce(bucket.buffer(), async_op=True)
