@@ -15,3 +15,23 @@ def test_kernels_install_as_fastvae_kernels_only(tmp_path):
     first, second = out.stdout.splitlines()[:2]
     assert first == "kernels kernels"
     assert second == "None"
+
+
+def test_import_without_a_gpu_leaves_the_compiler_stack_unloaded(tmp_path):
+    """On a machine where the Triton ops cannot run (no CUDA, no interpreter) ``import fastvae``
+    does not register them, so torch's compiler stack (which registering them imports, about 1 s)
+    stays unloaded; they register on first use."""
+    import os
+
+    code = ("import sys, torch, fastvae\n"
+            "print(torch.cuda.is_available(), 'torch._dynamo' in sys.modules)\n"
+            "print(fastvae.triton_available(), hasattr(torch.ops.fastvae, 'elbo'))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    cuda, compiler_stack = lines[0].split()
+    if cuda == "False":  # with CUDA the ops register at import, as they should
+        assert compiler_stack == "False"
+    assert lines[1] == "True True"  # registered on first use
