@@ -205,7 +205,7 @@ def measure(batch: int, calls: int, repeats: int, stub) -> dict:
     def no_launch(fn):
         def call():
             launch.Launcher.launch = lambda self, grid, kwargs: None
-            launch.Launcher.launch_static = lambda self, grid, static, dynamic: None
+            launch.Launcher.launch_static = lambda self, grid, static, dynamic, made=(): None
             try:
                 return fn()
             finally:

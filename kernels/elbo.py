@@ -368,6 +368,10 @@ def active_dims(mu, logvar, free_bits: float):
     return (kl.mean(0) > free_bits).float()
 
 
+_MADE = ("partial_ptr", "counter_ptr", "out_ptr", "drecon_ptr", "dx_ptr", "dmu_ptr", "dlogvar_ptr")
+_SCALE_MADE = ("act_ptr", "a_ptr", "b_ptr", "c_ptr", "d_ptr", "e_ptr")
+
+
 @functools.lru_cache(maxsize=256)
 def _flat_static(B: int, N: int, L: int, code: int, x_u8: bool, grad: bool, x_grad: bool, terms: bool):
     # (programs, the flat kernel's arguments fixed by the shapes and options)
@@ -426,8 +430,9 @@ def elbo_forward(kernel_launch, recon, x, mu, logvar, sigma, cfg: ELBOConfig, sc
             and mu.is_contiguous() and logvar.is_contiguous()):
         programs, static = _flat_static(B, N, L, code, x.dtype == torch.uint8, grad, x_grad, terms)
         partial, counter = scratch(dev, 3 * programs)
-        launch(kernel_launch, _elbo_flat_kernel, (programs,), static, partial_ptr=partial, counter_ptr=counter,
-               **tensors, **scalars)
+        # the buffers made here need no checks: their dtypes follow recon's, x's, mu's, logvar's
+        launch(kernel_launch, _elbo_flat_kernel, (programs,), static, made=_MADE, partial_ptr=partial,
+               counter_ptr=counter, **tensors, **scalars)
         return out, drecon, dx, dsigma, dmu, dlogvar, act
 
     block_m, block_n, block_l = _row_blocks(N, L)
@@ -450,8 +455,9 @@ def elbo_forward(kernel_launch, recon, x, mu, logvar, sigma, cfg: ELBOConfig, sc
 
 @functools.lru_cache(maxsize=256)
 def _scale_static(B: int, N: int, L: int, max_programs: int, has_b: bool, has_c: bool, free_bits: bool,
-                  dims: int, stride_gc: int, stride_gb: int):
-    # (programs, the scaling kernel's arguments fixed by the shapes and options)
+                  dims: int, stride_gc: int, stride_gb: int, dtypes: tuple):
+    # (programs, the scaling kernel's arguments fixed by the shapes, options and the dtypes of the
+    # forward's buffers)
     pix_tiles = cdiv(B * N, _FLAT_BLOCK)
     block_l = min(_MAX_BLOCK_L, next_power_of_2(max(L, 1)))
     lat_rows = _LAT_TILE // block_l
@@ -475,9 +481,12 @@ def scale_grads_(kernel_launch, grad, beta: float, drecon, dx, dsigma, dmu, dlog
     has_c = dsigma is not None and dsigma.numel() > 0
     free_bits = act is not None and act.numel() > 0
     dims = grad.dim()
+    b = dx if has_b else drecon  # b, c and act: a buffer that is never touched stands in for one not asked for
+    c = dsigma if has_c else drecon
     programs, static = _scale_static(B, N, dmu.shape[1], max_programs, has_b, has_c, free_bits, dims,
-                                     grad.stride(0) if dims else 0, grad.stride(1) if dims == 2 else 0)
-    # b, c and act: a buffer that is never touched stands in for one not asked for
-    launch(kernel_launch, _scale_grads_kernel, (programs,), static, g_ptr=grad,
-           act_ptr=act if free_bits else dmu, a_ptr=drecon, b_ptr=dx if has_b else drecon,
-           c_ptr=dsigma if has_c else drecon, d_ptr=dmu, e_ptr=dlogvar, beta=float(beta))
+                                     grad.stride(0) if dims else 0, grad.stride(1) if dims == 2 else 0,
+                                     (drecon.dtype, b.dtype, c.dtype, dmu.dtype, dlogvar.dtype))
+    # the forward made the buffers, with the dtypes the Static was made for: only g is checked
+    launch(kernel_launch, _scale_grads_kernel, (programs,), static, made=_SCALE_MADE, g_ptr=grad,
+           act_ptr=act if free_bits else dmu, a_ptr=drecon, b_ptr=b, c_ptr=c, d_ptr=dmu, e_ptr=dlogvar,
+           beta=float(beta))

@@ -125,11 +125,13 @@ class Launcher:
             metadata, None, None, None, *args)
         return hit + (args,)
 
-    def launch_static(self, grid, static: Static, dynamic: dict) -> None:
+    def launch_static(self, grid, static: Static, dynamic: dict, made: tuple = ()) -> None:
         """``kernel[grid](**static.kwargs, **dynamic)`` for ``dynamic`` the tensors and floats of
         one call. The first call of a ``static`` binds the rest: a launcher written out for it
         (:func:`_direct_call`), which checks the tensors' dtypes, their alignment and the current
-        device against the bound ones and otherwise calls the compiled launcher directly."""
+        device against the bound ones and otherwise calls the compiled launcher directly. ``made``
+        names the tensors the caller allocated itself, new and contiguous with dtypes that follow
+        from the others': they are not checked again."""
         hit = self.direct.get(id(static))
         if hit is not None and hit[0] is static and not _hooks_installed() and hit[1](grid, **dynamic):
             return
@@ -138,14 +140,16 @@ class Launcher:
         if bound is not None:
             run, function, metadata, args = bound
             self.direct[id(static)] = (static, _direct_call(
-                self.names, args, dynamic, run, function, metadata, self.device(), self.device, self.stream))
+                self.names, args, dynamic, made, run, function, metadata, self.device(), self.device,
+                self.stream))
 
 
-def _direct_call(names, args, dynamic: dict, run, function, metadata, device, current_device, stream):
+def _direct_call(names, args, dynamic: dict, made, run, function, metadata, device, current_device, stream):
     """A function of (grid, **dynamic) that launches ``function`` with the bound ``args`` of every
-    other parameter, when the tensors of ``dynamic`` have the dtypes of this call's, all are 16-byte
-    aligned and ``device`` is current; it returns False (launching nothing) otherwise."""
-    tensors = [n for n, v in dynamic.items() if v.__class__ is not float]
+    other parameter, when the tensors of ``dynamic`` (but those in ``made``) have the dtypes of this
+    call's, are 16-byte aligned, and ``device`` is current; it returns False (launching nothing)
+    otherwise."""
+    tensors = [n for n, v in dynamic.items() if v.__class__ is not float and n not in made]
     scope = {"run": run, "function": function, "metadata": metadata, "DEVICE": device,
              "current_device": current_device, "stream": stream}
     params = []
@@ -171,13 +175,13 @@ def _direct_call(names, args, dynamic: dict, run, function, metadata, device, cu
     return scope["call"]
 
 
-def launch(kernel_launch, kernel, grid, static: Static, **dynamic) -> None:
+def launch(kernel_launch, kernel, grid, static: Static, made: tuple = (), **dynamic) -> None:
     """``kernel_launch(kernel)[grid](**static.kwargs, **dynamic)``: through a :class:`Launcher`'s
-    bound arguments where ``kernel_launch`` gives one, else as given (``wrap_triton`` records the
-    launch for a tracer)."""
+    bound arguments where ``kernel_launch`` gives one (``made``: see :meth:`Launcher.launch_static`),
+    else as given (``wrap_triton`` records the launch for a tracer)."""
     runner = kernel_launch(kernel)
     if isinstance(runner, Launcher):
-        runner.launch_static(grid, static, dynamic)
+        runner.launch_static(grid, static, dynamic, made)
     else:
         runner[grid](**static.kwargs, **dynamic)
 

@@ -136,7 +136,8 @@ def reparam_forward(kernel_launch, mu, logvar, eps, seed, num_samples: int = 0):
     contig = mu.is_contiguous() and logvar.is_contiguous() and (eps is None or eps.is_contiguous())
     static = _static(n_in, K, L, (_strides(mu), _strides(logvar), _strides(eps)), contig, eps is not None,
                      forward=True)
-    launch(kernel_launch, _reparam_fwd_kernel, (cdiv(K * n_in, _BLOCK),), static, mu_ptr=mu, logvar_ptr=logvar,
+    launch(kernel_launch, _reparam_fwd_kernel, (cdiv(K * n_in, _BLOCK),), static, made=("z_ptr",),
+           mu_ptr=mu, logvar_ptr=logvar,
            eps_ptr=eps if eps is not None else mu, seed_ptr=seed if seed is not None else mu, z_ptr=z)
     return z
 
@@ -155,7 +156,9 @@ def reparam_backward(kernel_launch, grad, logvar, eps, seed, eps_grad: bool, num
     contig = grad.is_contiguous() and logvar.is_contiguous() and (eps is None or eps.is_contiguous())
     static = _static(n_in, K, L, (_strides(grad), _strides(logvar), _strides(eps)), contig, eps is not None,
                      forward=False, eps_grad=eps_grad, dmu=bool(num_samples))
-    launch(kernel_launch, _reparam_bwd_kernel, (cdiv(n_in, _BLOCK),), static, g_ptr=grad, logvar_ptr=logvar,
+    # the gradients made here need no checks: their dtypes follow logvar's and eps's
+    launch(kernel_launch, _reparam_bwd_kernel, (cdiv(n_in, _BLOCK),), static,
+           made=("dmu_ptr", "dlogvar_ptr", "deps_ptr"), g_ptr=grad, logvar_ptr=logvar,
            eps_ptr=eps if eps is not None else logvar, seed_ptr=seed if seed is not None else logvar,
            # valid pointers, never written without the flags
            dmu_ptr=dmu if num_samples else dlogvar, dlogvar_ptr=dlogvar, deps_ptr=deps if eps_grad else dlogvar)
