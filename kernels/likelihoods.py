@@ -7,7 +7,8 @@ Each decoder likelihood gives, for one pixel with decoder output ``s`` and targe
 
 Likelihood codes (``tl.constexpr``), chosen by the launchers from the Python-side names:
 
-* ``BERNOULLI_LOGITS``: s are logits, ``nll = max(s, 0) - s t + log(1 + e^-|s|)`` (BCE with logits);
+* ``BERNOULLI_LOGITS``: s are logits, ``nll = max(s, 0) - s t + log(1 + e^-|s|)`` (BCE with logits;
+  at s = +-inf its limit s (h - t), h = [s > 0], 0 where h = t);
 * ``BERNOULLI_PROBS``: s are probabilities, ``F.binary_cross_entropy`` (logs clamped at -100);
   probabilities outside [0, 1] or NaN give NaN (never a finite loss, and no host sync);
 * ``GAUSSIAN``: N(t; s, sigma^2), ``nll = (s - t)^2 / (2 sigma^2) + log sigma + log(2 pi) / 2``;
@@ -86,6 +87,11 @@ def _bce_logits(s, t):
     # BCE with logits and d/ds = sigmoid(s) - t, both from one e = exp(-|s|) in (0, 1] (no overflow)
     e = tl.exp(-tl.abs(s))
     nll = tl.maximum(s, 0.0) - s * t + _log1p_small(e)
+    # at s = +-inf the formula is inf - inf; its limit is s (h - t), h = [s > 0], and 0 where h = t
+    # (the other CPU paths compute s (h - t) that way, so all agree)
+    h = tl.where(s > 0.0, 1.0, 0.0)
+    limit = tl.where(h == t, 0.0, s * (h - t))
+    nll = tl.where(tl.abs(s) == float("inf"), limit, nll)
     q = e / (1.0 + e)                            # sigmoid(-|s|)
     # sigmoid(s) - t as (1 - t) - q for s >= 0: no cancellation when t = 1 and s is confident
     ds = tl.where(s >= 0.0, (1.0 - t) - q, q - t)
