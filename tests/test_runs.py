@@ -4,6 +4,7 @@ and checkpoints are written atomically and verified when read."""
 import errno
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -371,3 +372,21 @@ def test_precision_is_logged_and_recorded(tiny, monkeypatch, capsys):
     # bf16 autocast really ran: the same run in fp32 computes a different loss
     assert m["train_loss"] != fp32["train_loss"]
     assert m["train_loss"][0] == pytest.approx(fp32["train_loss"][0], rel=0.02)
+
+
+def test_non_finite_weights_under_a_finite_loss_stop_the_run_before_a_checkpoint(tiny, tmp_path, monkeypatch):
+    # a bias of -inf on a pixel that is 0 in every image keeps the loss finite (its limit is 0)
+    # while the weights are not: only the final weights check can stop this run
+    assert (tiny.train_x.reshape(tiny.train_x.shape[0], -1)[:, 0] == 0).all()
+    real_step = Trainer.optimizer_step
+
+    def step_then_break(self):
+        real_step(self)
+        with torch.no_grad():
+            self.model.fc4.bias[0] = -math.inf
+
+    monkeypatch.setattr(Trainer, "optimizer_step", step_then_break)
+    with pytest.raises(TrainingDiverged, match=r"diverged in epoch 1: train loss [0-9.]+, test loss "
+                                               r"[0-9.]+, non-finite weights; stopped, no checkpoint"):
+        fastvae.train(tiny, epochs=1, out_dir=tmp_path, figures=False, **QUIET)
+    assert not (tmp_path / "checkpoint.pt").exists()
