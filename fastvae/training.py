@@ -737,9 +737,14 @@ def train(dataset: Union[str, Dataset, None] = None, *, epochs: Optional[int] = 
 
         d, dev = _init_distributed(device)
         try:
-            return _train(cfg, dataset, dev, d, out, ckpt, backend, compile, precision, resume,
-                          iw_samples, data_dir, figures, progress, init,
-                          clear=folder.clear if (folder is not None and overwrite) else None)
+            result = _train(cfg, dataset, dev, d, out, ckpt, backend, compile, precision, resume,
+                            iw_samples, data_dir, figures, progress, init,
+                            clear=folder.clear if (folder is not None and overwrite) else None)
+            if d.owns_group:
+                # the ranks leave together: rank 0 may still be writing (and flushing) its files,
+                # and a rank that tears its group down meanwhile aborted at exit now and then
+                dist.barrier()
+            return result
         finally:
             if d.owns_group:
                 # the trainer (its DDP module holds the process group) sits in reference cycles:
