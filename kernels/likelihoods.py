@@ -86,12 +86,11 @@ def _log1p_small(e):
 def _bce_logits(s, t):
     # BCE with logits and d/ds = sigmoid(s) - t, both from one e = exp(-|s|) in (0, 1] (no overflow)
     e = tl.exp(-tl.abs(s))
-    nll = tl.maximum(s, 0.0) - s * t + _log1p_small(e)
-    # at s = +-inf the formula is inf - inf; its limit is s (h - t), h = [s > 0], and 0 where h = t
-    # (the other CPU paths compute s (h - t) that way, so all agree)
-    h = tl.where(s > 0.0, 1.0, 0.0)
-    limit = tl.where(h == t, 0.0, s * (h - t))
-    nll = tl.where(tl.abs(s) == float("inf"), limit, nll)
+    # max(s, 0) - s t = s (h - t) with h = [s > 0], taken as 0 where h = t: at s = +-inf that is
+    # the limit (inf - inf, or inf * 0, in the formula), as the CPU paths compute it
+    ht = tl.where(s > 0.0, 1.0, 0.0) - t
+    log1p_e = _log1p_small(e)
+    nll = tl.where(ht == 0.0, log1p_e, s * ht + log1p_e)
     q = e / (1.0 + e)                            # sigmoid(-|s|)
     # sigmoid(s) - t as (1 - t) - q for s >= 0: no cancellation when t = 1 and s is confident
     ds = tl.where(s >= 0.0, (1.0 - t) - q, q - t)
