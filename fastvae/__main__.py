@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 from ._backend import BACKENDS
 from .data import DATASETS, DataError
-from .training import DEFAULTS, PRECISIONS, TrainingDiverged
+from .training import DEFAULTS, PRECISIONS, RunWriteError, TrainingDiverged
 
 
 def _latent_point(text: str) -> list[float]:
@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder (or checkpoint.pt)")
     p.add_argument("--z", type=_latent_point, action="append", required=True,
                    help="a latent point, e.g. --z 0.5,0 --z 2,0 (repeat for more)")
-    p.add_argument("--out", default=None, help="PNG path (default: decoded.png in the run folder)")
+    p.add_argument("--out", default=None, help="PNG path (default: decoded.png in the run folder; "
+                   "give one to decode a run in a read-only folder)")
 
     p = sub.add_parser("compare-latents", help="reconstructions at several latent sizes (default 20 and 5)")
     _add_train_options(p)
@@ -131,7 +132,10 @@ def _run(args) -> int:
         model, _ = load_checkpoint(args.run)
         run = Path(args.run)
         out = args.out or (run if run.is_dir() else run.parent) / "decoded.png"
-        print(f"wrote {save_decoded(model.eval(), args.z, out)}")
+        try:
+            print(f"wrote {save_decoded(model.eval(), args.z, out)}")
+        except RunWriteError as e:  # e.g. a read-only run folder: a bad --out, exit 2
+            raise ValueError(f"{e}; pass --out PATH to write the image elsewhere") from None
     else:
         from .figures import compare_latents
 
@@ -151,6 +155,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TrainingDiverged as e:
         print(f"fastvae {args.command}: error: {e}", file=sys.stderr)
         return 3
+    except RunWriteError as e:  # no space left, ...: the last checkpoint is intact
+        print(f"fastvae {args.command}: error: {e}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:
         print(f"fastvae {args.command}: interrupted; the last checkpoint is kept (resume with --resume)",
               file=sys.stderr)

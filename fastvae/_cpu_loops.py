@@ -164,7 +164,10 @@ def _bernoulli_logits(b: _IR, s: str, t: str, scale: str):
     e = _exp_neg_abs(b, s)
     pos = b(f"fcmp ogt float {s}, 0.0")
     ht = b(f"fsub float {b(f'select i1 {pos}, float 1.0, float 0.0')}, {t}")
-    nll = b.fma(s, ht, _log1p_small(b, e))
+    log1p_e = _log1p_small(b, e)
+    # s (h - t) + log1p(e), with s (h - t) = 0 where h = t: the same bits for a finite s, and the
+    # limit at s = +-inf (where inf * 0 would be NaN)
+    nll = b(f"select i1 {b(f'fcmp oeq float {ht}, 0.0')}, float {log1p_e}, float {b.fma(s, ht, log1p_e)}")
     q = b(f"fdiv float {e}, {b(f'fadd float {e}, 1.0')}")
     d = b.fma(q, b(f"select i1 {pos}, float -1.0, float 1.0"), ht)   # (h - t) + q (1 - 2h)
     return b(f"fpext float {nll} to double"), b(f"fmul float {d}, {scale}")
@@ -217,7 +220,8 @@ def _continuous_bernoulli(b: _IR, s: str, t: str, scale: str):
     below |s| = 0.75 log C - log 2 and d log C / ds from their series in z = s^2, above from the
     closed forms with a = |s| and e = e^-a <= 0.47 (as the ATen formulation, fastvae/_fallback.py):
         log C - log 2 = log(a (1 + e) / (2 (1 - e))),   d log C / ds = sign(s) (1/a - 2e / (1 - e^2))
-    NaN stays NaN (through the bce); s = +-inf gives NaN, as inf - inf."""
+    NaN stays NaN (through the bce); s = +-inf gives -inf where the pixel is matched (bce 0),
+    else NaN, as inf - inf."""
     nll, d = _bernoulli_logits(b, s, t, "1.0")
     a = b(f"call float @llvm.fabs.f32(float {s})")
     small = b(f"fcmp olt float {a}, {_c(CB_SERIES_BELOW)}")

@@ -291,7 +291,8 @@ def _bernoulli_logits(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale
     ht = h.sub_(t)                                 # h - t: exact at t = 0 or 1
     # relu(s) - s*t = s (h - t) >= 0, exact at t = 0/1, plus c (the few elements where s (h - t)
     # is 0, the confident and right ones, keep all of c): one row sum for both
-    rows += c.addcmul_(s, ht).sum(1)
+    # s (h - t) is 0 where h = t, also at s = +-inf (its limit, where inf * 0 would be NaN)
+    rows += c.addcmul_(s.masked_fill(ht == 0, 0.0), ht).sum(1)
     if d_s is not None:
         # sigmoid(s) - t = (h - t) + q (1 - 2h): -sigmoid(-s) + (1 - t) for s > 0, so no
         # cancellation where the model is confident and right (sigmoid(s) would round to 1)

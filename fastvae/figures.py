@@ -66,8 +66,18 @@ def _save_grid(grid: np.ndarray, path: PathLike, title: str, row_labels: Sequenc
         ax.tick_params(length=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    fig.savefig(path, bbox_inches="tight", pad_inches=0.08)
-    plt.close(fig)
+    return _savefig(fig, path, bbox_inches="tight", pad_inches=0.08)
+
+
+def _savefig(fig, path: PathLike, **kwargs) -> Path:
+    """``fig`` as a PNG at ``path``, written atomically (a full disk or a read-only folder leaves no
+    part of a file: a :class:`fastvae.training.RunWriteError`), then closed."""
+    from .training import _atomic_write
+
+    try:
+        _atomic_write(Path(path), lambda fh: fig.savefig(fh, format="png", **kwargs))
+    finally:
+        plt.close(fig)
     return Path(path)
 
 
@@ -121,9 +131,7 @@ def save_loss_curve(history: dict, path: PathLike, dataset: str = "") -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _savefig(fig, path)
 
 
 def _require_2d(model: VAE, what: str) -> None:
@@ -147,9 +155,7 @@ def save_latent_scatter(model: VAE, x: Tensor, labels: Tensor, path: PathLike,
     ax.set_ylabel("$\\mu_2$")
     ax.set_title("test images in latent space")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _savefig(fig, path)
 
 
 @torch.no_grad()
@@ -191,9 +197,7 @@ def save_decoded(model: VAE, z: Union[Tensor, Sequence[Sequence[float]]], path: 
         ax.set_title("z = [" + ", ".join(f"{v:g}" for v in zi.tolist()) + "]", fontsize=7)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _savefig(fig, path)
 
 
 def write_run_figures(model: VAE, data: Dataset, history: dict, out_dir: PathLike, seed: int = 0) -> list[str]:

@@ -125,12 +125,22 @@ def _sigma_args(likelihood: str, sigma, recon: Tensor) -> tuple[Optional[Tensor]
     return None, 1.0 / sigma, math.log(sigma) + _LOG_SQRT_2PI
 
 
+def check_free_bits(free_bits) -> None:
+    if isinstance(free_bits, bool) or not isinstance(free_bits, (int, float)) or not (0 <= free_bits < math.inf):
+        raise ValueError(f"free_bits must be a finite number >= 0 (nats per latent dimension), got {free_bits!r}")
+
+
 def _beta_args(beta) -> tuple[float, Optional[Tensor]]:
     """(the kernels' float beta, the tensor beta applied outside them, or None)."""
     if isinstance(beta, Tensor):
         if beta.dim() != 0 or not beta.is_floating_point():
             raise ValueError(f"beta must be a number or a 0-dim floating-point tensor, got "
                              f"{beta.dtype} of shape {tuple(beta.shape)}")
+        # a CPU beta's value is read for free and checked as a number's; a CUDA beta is not (reading
+        # it would make the host wait for the device)
+        if (beta.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not bool(torch.isfinite(beta.detach()) & (beta.detach() >= 0))):
+            raise ValueError(f"beta must be finite and >= 0, got a tensor holding {beta.item()!r}")
         return 0.0, beta
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
         raise ValueError(f"beta must be a finite number >= 0 or a 0-dim tensor, got {beta!r}")
@@ -187,8 +197,7 @@ def elbo_loss(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, reduction
     _check_bool("return_components", return_components)
     if likelihood != "bernoulli" and not from_logits:
         raise ValueError(f"from_logits=False applies to likelihood='bernoulli' only, not {likelihood!r}")
-    if isinstance(free_bits, bool) or not isinstance(free_bits, (int, float)) or not (0 <= free_bits < math.inf):
-        raise ValueError(f"free_bits must be a finite number >= 0 (nats per latent dimension), got {free_bits!r}")
+    check_free_bits(free_bits)
     _check_elbo_inputs(recon, x, mu, logvar)
     sig, inv_sigma, log_norm = _sigma_args(likelihood, sigma, recon)
     kbeta, beta_t = _beta_args(beta)

@@ -384,6 +384,15 @@ def iwae_loss(h: Tensor, weight: Tensor, bias: Optional[Tensor], x: Tensor, z: T
     devices = {t.device for t in (h, weight, bias, x, z, mu, logvar) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device; got {sorted(map(str, devices))}")
+    # the checks of elbo_loss: x as floats or uint8 pixels (an int64 x is not x / 255)
+    if not (x.is_floating_point() or x.dtype == torch.uint8):
+        raise TypeError(f"x must be floating point, or uint8 pixel intensities read as x/255; got {x.dtype}")
+    # the output layer h W^T + b is one matmul: one dtype on both backends (torch's matmul refuses
+    # a mix, the Triton kernel would compute one)
+    if weight.dtype != h.dtype or (bias is not None and bias.dtype != h.dtype):
+        got = f"h {h.dtype}, weight {weight.dtype}" + (f", bias {bias.dtype}" if bias is not None else "")
+        raise TypeError(f"h, weight and bias must share one dtype (the output layer's matmul); got {got}: "
+                        "cast them to one, e.g. weight.to(h.dtype)")
     use_triton = _backend.resolve(backend, h, weight, z) == "triton"
     dt = torch.float64 if h.dtype == torch.float64 else torch.float32
     t = _targets(x.detach(), B, D, dt)

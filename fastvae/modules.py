@@ -26,6 +26,14 @@ class FusedELBO(nn.Module):
         super().__init__()
         self.reduction = F.check_reduction(reduction)
         self.likelihood = F.check_likelihood(likelihood)
+        # every argument is checked here, not at the first call: beta, free_bits, a number sigma
+        # (a sigma tensor's shape is checked against recon at each call)
+        F._beta_args(beta)
+        F.check_free_bits(free_bits)
+        if isinstance(sigma, Tensor) and self.likelihood == "gaussian":
+            F._check_float("sigma", sigma)
+        else:
+            F._sigma_args(self.likelihood, sigma, None)
         self.beta = beta
         self.sigma = sigma
         self.free_bits = free_bits

@@ -19,13 +19,16 @@ slice of each batch, so the run follows the single-process math. Only rank 0 wri
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import hashlib
 import json
 import math
 import os
+import pickle
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -203,12 +206,45 @@ class TrainingDiverged(RuntimeError):
     """The loss or the weights became non-finite: the run stopped, its last good checkpoint kept."""
 
 
+class RunWriteError(OSError):
+    """A run's file could not be written (no space left, a read-only folder, ...): nothing is left
+    half-written, and the files written before (the last checkpoint) are as they were."""
+
+
+def _why(e: OSError) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on its device"
+    return e.strerror or str(e) or type(e).__name__
+
+
+def write_failure(path: Path, e: OSError) -> RunWriteError:
+    """One line naming ``path``'s folder and why it could not be written."""
+    return RunWriteError(f"cannot write {path.name} in {path.parent}: {_why(e)}; nothing was "
+                         "half-written and the earlier files there are intact")
+
+
 def _atomic_write(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` to a temp file beside ``path``, then rename over it."""
+    """Write through ``write(fh)`` (a binary file) to a temp file beside ``path``, flush it to the
+    disk, then rename it over ``path``: a crash or a full disk leaves the old file or the new one,
+    never a part. An OSError is a :class:`RunWriteError` naming the folder."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        write(tmp)
+        # a Python file object, not a path: torch.save's own writer turns ENOSPC into a
+        # RuntimeError ("unexpected pos"), a file object's write raises the OSError
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        # torch.save's zip writer, closing after a failed write, raises a RuntimeError of its own
+        # over the OSError: the OSError is in its context
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise write_failure(path, cause) from e
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -243,7 +279,7 @@ def save_checkpoint(path: Union[str, Path], state: dict) -> None:
     checkpoint carries a SHA-256 of its contents (``"sha256"``), checked by :func:`read_checkpoint`."""
     state = {k: v for k, v in state.items() if k != "sha256"}
     state["sha256"] = _digest(state)
-    _atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+    _atomic_write(Path(path), lambda fh: torch.save(state, fh))
 
 
 def _finite(x: Any) -> Any:
@@ -260,7 +296,7 @@ def _finite(x: Any) -> Any:
 def write_metrics(path: Union[str, Path], metrics: dict) -> None:
     """metrics.json, atomically and as strict JSON (a non-finite number is written as null)."""
     text = json.dumps(_finite(metrics), indent=2, allow_nan=False) + "\n"
-    _atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+    _atomic_write(Path(path), lambda fh: fh.write(text.encode()))
 
 
 def read_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> dict:
@@ -274,17 +310,29 @@ def read_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
     bad = f"{path} is not a usable fastvae checkpoint"
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's message advises weights_only=False, i.e. running the file's code: never repeat it
+        raise ValueError(f"{path} is not a fastvae checkpoint: it holds Python objects that a fastvae "
+                         "checkpoint never holds (tensors and plain values only), and fastvae does not "
+                         "unpickle such files") from None
     except Exception as e:
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{bad}: it cannot be read ({detail}); it is truncated or corrupt. Train "
-                         "again, or restore it from a copy") from None
-    if not isinstance(ckpt, dict) or not {"model", "model_config"} <= set(ckpt):
+        lines = [ln for ln in str(e).strip().splitlines() if "weights_only" not in ln]
+        detail = lines[0] if lines else type(e).__name__
+        raise ValueError(f"{bad}: it cannot be read ({detail}); it is truncated or corrupt, or not a "
+                         "fastvae checkpoint. Train again, or restore it from a copy") from None
+    if (not isinstance(ckpt, dict) or not {"model", "model_config"} <= set(ckpt)
+            or not isinstance(ckpt["model"], dict)
+            or not all(isinstance(v, Tensor) for v in ckpt["model"].values())):
         raise ValueError(f"{bad}: it holds no fastvae model")
-    if "sha256" in ckpt:  # checkpoints from before the hash was added have none
+    if "sha256" in ckpt:
         stored = ckpt.pop("sha256")
         if _digest(ckpt) != stored:
             raise ValueError(f"{bad}: its contents do not match the SHA-256 stored in it (the file was "
                              "altered or damaged). Train again, or restore it from a copy")
+    else:  # fastvae 0.1.0 before the run-folder checks (commit 18fc82e) wrote no hash
+        warnings.warn(f"{path} carries no SHA-256 (written by an early fastvae 0.1.0): it is loaded "
+                      "unverified; save it again (fastvae.training.save_checkpoint) to add one",
+                      stacklevel=2)
     bad_params = [k for k, v in ckpt["model"].items() if not torch.isfinite(v).all()]
     if bad_params:
         raise ValueError(f"{bad}: non-finite weights in {', '.join(bad_params)}")
@@ -330,7 +378,7 @@ class RunFolder:
             probe.unlink()
             self._fh = open(p / LOCK, "a+")
         except OSError as e:
-            raise ValueError(f"cannot write to output folder {p} ({e.strerror or e}); choose a "
+            raise ValueError(f"cannot write to output folder {p} ({_why(e)}); choose a "
                              "writable --out") from None
         try:
             import fcntl
@@ -345,10 +393,16 @@ class RunFolder:
             self._fh = None
             raise ValueError(f"output folder {p} is in use by another fastvae run (process {holder}); "
                              "wait for it to finish or choose another --out") from None
-        self._fh.seek(0)
-        self._fh.truncate()
-        self._fh.write(f"{os.getpid()}\n")
-        self._fh.flush()
+        try:
+            self._fh.seek(0)
+            self._fh.truncate()
+            self._fh.write(f"{os.getpid()}\n")
+            self._fh.flush()
+        except OSError as e:
+            self._fh.close()  # drops the lock
+            self._fh = None
+            raise ValueError(f"cannot write to output folder {p} ({_why(e)}); choose a "
+                             "writable --out") from None
         # we hold the lock: every temp file here is left over from an interrupted write
         for tmp in list(p.glob(".*.tmp")) + list(p.glob(".fastvae-probe.*")):
             tmp.unlink(missing_ok=True)
@@ -357,9 +411,10 @@ class RunFolder:
     def existing_outputs(self) -> list[str]:
         return _existing_outputs(self.path)
 
-    def clear(self) -> None:
+    def clear(self, keep: tuple[str, ...] = ()) -> None:
         for name in RUN_FILES:
-            (self.path / name).unlink(missing_ok=True)
+            if name not in keep:
+                (self.path / name).unlink(missing_ok=True)
 
     def __exit__(self, *exc) -> None:
         if self._fh is not None:
@@ -688,11 +743,16 @@ def train(dataset: Union[str, Dataset, None] = None, *, epochs: Optional[int] = 
             if changed:
                 raise ValueError("resume: these settings differ from the checkpoint's (saved, given): "
                                  + ", ".join(f"{k}={a!r}/{b!r}" for k, (a, b) in changed.items()))
+            if "epochs" in explicit and explicit["epochs"] < ckpt["epoch"]:
+                raise ValueError(f"resume: the run in {out} has already trained {ckpt['epoch']} epochs, "
+                                 f"more than epochs={explicit['epochs']}; give more epochs to continue it")
         elif out is not None and not overwrite and _existing_outputs(out):
             # every rank checks (a read), so that under torchrun all stop, not rank 0 alone
             held = ", ".join(_existing_outputs(out))
-            how = ("it has no checkpoint to resume; " if resume else "")
-            raise ValueError(f"output folder {out} already holds a run ({held}); {how}pass --resume to "
+            if resume:
+                raise ValueError(f"output folder {out} holds run files ({held}) but no checkpoint to "
+                                 "resume; pass --overwrite to replace them, or choose another --out")
+            raise ValueError(f"output folder {out} already holds a run ({held}); pass --resume to "
                              "continue it, --overwrite to replace it, or choose another --out")
         # resuming without epochs= continues to the checkpoint's own target (an interrupted run
         # ends where it was meant to); epochs= extends or sets it
@@ -703,9 +763,14 @@ def train(dataset: Union[str, Dataset, None] = None, *, epochs: Optional[int] = 
 
         d, dev = _init_distributed(device)
         try:
-            return _train(cfg, dataset, dev, d, out, ckpt, backend, compile, precision, resume,
-                          iw_samples, data_dir, figures, progress, init, cuda_graph,
-                          clear=folder.clear if (folder is not None and overwrite) else None)
+            result = _train(cfg, dataset, dev, d, out, ckpt, backend, compile, precision, resume,
+                            iw_samples, data_dir, figures, progress, init, cuda_graph,
+                            clear=folder.clear if (folder is not None and overwrite) else None)
+            if d.owns_group:
+                # the ranks leave together: rank 0 may still be writing (and flushing) its files,
+                # and a rank that tears its group down meanwhile aborted at exit now and then
+                dist.barrier()
+            return result
         finally:
             if d.owns_group:
                 # the trainer (its DDP module holds the process group) sits in reference cycles:
@@ -806,14 +871,15 @@ def _train(cfg, dataset, dev, d, out, ckpt, backend, compile, precision, resume,
                 f"test loss {history['test_loss'][-1]:.2f}  ({seconds:.2f} s, {n_train / seconds:,.0f} images/s)")
         rng = trainer.rng_state()  # a collective under DDP: every rank takes part
         if writes:
-            if clear is not None:  # overwrite: the old run goes once the new one has an epoch to show
-                clear()
-                clear = None
+            # replaces the old checkpoint in one rename: until then the old run is all there
             save_checkpoint(out / CHECKPOINT, {
                 "model": model.state_dict(), "optimizer": trainer.opt.state_dict(),
                 "model_config": model.config, "backend": backend, "config": cfg, "dataset": data.name,
                 "epoch": epoch + 1, "rng": rng, "history": history,
             })
+            if clear is not None:  # overwrite: the old run's figures go once the new run has a checkpoint
+                clear(keep=(CHECKPOINT, METRICS))
+                clear = None
             write_metrics(out / METRICS, _metrics(metrics, history, n_train))
 
     metrics = _metrics(metrics, history, n_train)

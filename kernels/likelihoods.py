@@ -7,7 +7,8 @@ Each decoder likelihood gives, for one pixel with decoder output ``s`` and targe
 
 Likelihood codes (``tl.constexpr``), chosen by the launchers from the Python-side names:
 
-* ``BERNOULLI_LOGITS``: s are logits, ``nll = max(s, 0) - s t + log(1 + e^-|s|)`` (BCE with logits);
+* ``BERNOULLI_LOGITS``: s are logits, ``nll = max(s, 0) - s t + log(1 + e^-|s|)`` (BCE with logits;
+  at s = +-inf its limit s (h - t), h = [s > 0], 0 where h = t);
 * ``BERNOULLI_PROBS``: s are probabilities, ``F.binary_cross_entropy`` (logs clamped at -100);
   probabilities outside [0, 1] or NaN give NaN (never a finite loss, and no host sync);
 * ``GAUSSIAN``: N(t; s, sigma^2), ``nll = (s - t)^2 / (2 sigma^2) + log sigma + log(2 pi) / 2``;
@@ -85,7 +86,11 @@ def _log1p_small(e):
 def _bce_logits(s, t):
     # BCE with logits and d/ds = sigmoid(s) - t, both from one e = exp(-|s|) in (0, 1] (no overflow)
     e = tl.exp(-tl.abs(s))
-    nll = tl.maximum(s, 0.0) - s * t + _log1p_small(e)
+    # max(s, 0) - s t = s (h - t) with h = [s > 0], taken as 0 where h = t: at s = +-inf that is
+    # the limit (inf - inf, or inf * 0, in the formula), as the CPU paths compute it
+    ht = tl.where(s > 0.0, 1.0, 0.0) - t
+    log1p_e = _log1p_small(e)
+    nll = tl.where(ht == 0.0, log1p_e, s * ht + log1p_e)
     q = e / (1.0 + e)                            # sigmoid(-|s|)
     # sigmoid(s) - t as (1 - t) - q for s >= 0: no cancellation when t = 1 and s is confident
     ds = tl.where(s >= 0.0, (1.0 - t) - q, q - t)

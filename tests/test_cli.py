@@ -167,3 +167,58 @@ def test_decode_writes_into_the_run_folder_by_default(tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     assert main(["decode", str(out), "--z", ",".join(["0"] * 20)]) == 0
     assert (out / "decoded.png").stat().st_size > 1000 and not (tmp_path / "decoded.png").exists()
+
+
+def test_decode_into_a_read_only_run_folder_is_one_line_exit_2_and_out_writes_elsewhere(tmp_path, monkeypatch,
+                                                                                      capsys):
+    import errno
+
+    import fastvae.training
+
+    out = tmp_path / "run"
+    _small_run(out)
+    capsys.readouterr()
+
+    def read_only(path, mode="r", *args, **kwargs):  # tests run as root, who writes past chmod
+        if mode != "r" and os.path.dirname(path) == str(out):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(fastvae.training, "open", read_only, raising=False)
+    z = ",".join(["0"] * 20)
+    assert main(["decode", str(out), "--z", z]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"fastvae decode: error: cannot write decoded.png in {out}: "
+                                                   "Read-only file system"), lines
+    assert "pass --out" in lines[0]
+    assert not list(out.glob("*decoded*")) and not list(out.glob(".*tmp"))
+    assert main(["decode", str(out), "--z", z, "--out", str(tmp_path / "d.png")]) == 0
+    assert (tmp_path / "d.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("kind", ["pickled object", "plain pickle"])
+def test_evaluate_on_a_file_that_is_not_a_checkpoint_never_suggests_unpickling(kind, tmp_path, capsys):
+    import argparse
+    import pickle
+
+    path = tmp_path / "model.pt"
+    if kind == "pickled object":  # a torch.save'd file holding a class instance
+        torch.save({"model": argparse.Namespace(a=1), "model_config": {}}, path)
+    else:
+        path.write_bytes(pickle.dumps(argparse.Namespace(a=1), protocol=4))
+    assert main(["evaluate", str(path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"fastvae evaluate: error: {path} is not a fastvae checkpoint" in err, err
+    assert "weights_only" not in err and "Traceback" not in err
+
+
+def test_evaluate_refuses_non_finite_results_with_its_message(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    _small_run(out)
+    capsys.readouterr()
+    monkeypatch.setattr(sys.modules["fastvae.evaluate"], "evaluate",
+                        lambda *a, **k: {"n": 1000, "elbo": float("nan"), "test_loss": float("nan")})
+    assert main(["evaluate", str(out), "--iw-samples", "0", "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"fastvae evaluate: error: the evaluation of {out} gave non-finite values" in err
+    assert "the checkpoint's model is unusable" in err

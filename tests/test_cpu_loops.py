@@ -66,16 +66,16 @@ def test_bernoulli_elements_match_oracle_over_every_binade(target):
 
 
 def test_bernoulli_special_values():
-    """NaN in, NaN out (loss and gradient); +-inf logits give what BCE's formula gives."""
+    """NaN in, NaN out (loss and gradient); +-inf logits give the formula's limit."""
     s = torch.tensor([math.nan, 1.0, math.inf, -math.inf, math.inf, -math.inf])
     t = torch.tensor([1.0, math.nan, 0.0, 1.0, 1.0, 0.0])
     nll, grad = _per_element("bernoulli_logits", s, t)
     assert nll[:2].isnan().all() and grad[:2].isnan().all()
     assert nll[2] == math.inf and nll[3] == math.inf          # confidently wrong: infinite loss
     assert grad[2] == 1.0 and grad[3] == -1.0
-    # confidently right at infinity: inf * 0 is NaN in the formula relu(s) - s t, as in ATen's
-    # formulation (never a finite wrong number)
-    assert nll[4:].isnan().all()
+    # confidently right at infinity: the limit 0 (inf * 0 in relu(s) - s t would be NaN), as the
+    # ATen formulation and the Triton kernel give it (issue 30)
+    assert nll[4:].tolist() == [0.0, 0.0] and grad[4:].tolist() == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("target", [0.0, 1.0, 0.3])
@@ -460,3 +460,46 @@ def test_prefetching_changes_no_bit(shape, target, monkeypatch):
     assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
     want = (s.double() - (t.double() / 255.0 if target == "u8" else t.double())).square().sum(1) * 2.0
     torch.testing.assert_close(out[True][0], want, rtol=1e-6, atol=0)
+
+
+def _element_oracle(element, s, t):
+    """(per-element value the loop sums, d/ds) in float64, from the formulas."""
+    s, t = s.double(), t.double()
+    if element == "gaussian":
+        return (s - t) ** 2, s - t
+    nll, grad = _bce_oracle(s, t)
+    if element == "continuous_bernoulli":
+        sd = s.clone().requires_grad_()
+        log_c = oracle.cb_log_norm_closed(sd)
+        (dlog_c,) = torch.autograd.grad(log_c.sum(), sd)
+        return nll - (log_c.detach() - math.log(2.0)), grad - dlog_c
+    return nll, grad
+
+
+@pytest.mark.parametrize("element", ["bernoulli_logits", "gaussian", "continuous_bernoulli"])
+@pytest.mark.parametrize("strided", [False, True], ids=["flat", "row-stride"])
+def test_loop_bounds_give_the_oracles_values_and_touch_nothing_beyond(element, strided):
+    """Rows of 1, W - 1, W, W + 1, 2W - 1, 2W, 2W + 1 elements (W = the loop's vector width), 1 to 3
+    rows: every value against the float64 oracle, with NaN just past each row and past the end (a
+    read past a bound would make a sum NaN) and a sentinel around d (a write past it would show)."""
+    W = _cpu_loops._WIDTH
+    g = torch.Generator().manual_seed(7)
+    for D in (1, W - 1, W, W + 1, 2 * W - 1, 2 * W, 2 * W + 1):
+        for R in (1, 2, 3):
+            stride = D + 5 if strided else D
+            s_buf = torch.full((R * stride + 2 * W,), math.nan)
+            t_buf = torch.full((R * stride + 2 * W,), math.nan)
+            d_buf = torch.full((R * stride + 2 * W,), 12345.0)
+            S = s_buf[: R * stride].view(R, stride)[:, :D]
+            T = t_buf[: R * stride].view(R, stride)[:, :D]
+            d = d_buf[: R * stride].view(R, stride)[:, :D]
+            S.copy_(torch.randn(R, D, generator=g) * 3 + 0.1)
+            T.copy_(torch.rand(R, D, generator=g))
+            rows = _cpu_loops.run(element, S, T, d, 1.0)
+            value, grad = _element_oracle(element, S, T)
+            where = f"{element} R={R} D={D} stride={stride}"
+            torch.testing.assert_close(rows, value.sum(1), rtol=1e-6, atol=1e-6, msg=where)
+            torch.testing.assert_close(d.double(), grad, rtol=1e-5, atol=1e-6, msg=where)
+            untouched = torch.ones_like(d_buf, dtype=torch.bool)
+            untouched[: R * stride].view(R, stride)[:, :D] = False
+            assert (d_buf[untouched] == 12345.0).all(), f"a write past the bounds: {where}"

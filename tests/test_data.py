@@ -223,3 +223,49 @@ def test_fashion_mnist_found_offline_in_debian_package():
     ds = load_dataset("fashion-mnist", download=False)
     assert ds.train_x.shape == (60000, 784) and ds.test_x.shape == (10000, 784)
     assert torch.equal(torch.bincount(ds.train_y), torch.full((10,), 6000))
+
+
+def test_idx_file_with_trailing_bytes_is_a_data_error(tmp_path):
+    write_idx_set(tmp_path)
+    bad = tmp_path / IDX_FILES["train_x"]
+    bad.write_bytes(bad.read_bytes() + b"\x00\x01\x02")
+    n = 6 * 28 * 28
+    with pytest.raises(DataError, match=f"{bad} is not a valid IDX file .*= {n} bytes of data, file has {n + 3}"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+
+
+def test_label_10_is_refused_and_label_9_is_read(tmp_path):
+    write_idx_set(tmp_path)
+    (tmp_path / IDX_FILES["test_y"]).write_bytes(_idx_bytes(np.array([9, 0, 9, 3])))
+    assert load_dataset("mnist", data_dir=tmp_path, download=False).test_y.tolist() == [9, 0, 9, 3]
+    (tmp_path / IDX_FILES["test_y"]).write_bytes(_idx_bytes(np.array([9, 0, 10, 3])))
+    with pytest.raises(DataError, match="holds label 10, not a class 0-9"):
+        load_dataset("mnist", data_dir=tmp_path, download=False)
+
+
+@pytest.mark.parametrize("hours, retried", [(23.9, False), (24.1, True), (-1.0, True)])
+def test_auto_retries_a_failed_download_after_24_hours(hours, retried, tmp_path, monkeypatch, capsys):
+    import os
+    import time
+
+    import torchvision
+
+    from fastvae import data
+
+    calls = []
+
+    class OfflineMNIST:
+        def __init__(self, root, train, download):
+            calls.append(download)
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\n<urlopen error no network>")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", OfflineMNIST)
+    marker = tmp_path / "cache" / data._TORCHVISION_CLASS["mnist"] / data.DOWNLOAD_FAILED
+    marker.parent.mkdir(parents=True)
+    marker.write_text("no network\n")
+    stamp = time.time() - hours * 3600  # a marker from the future (clock changed) is not trusted
+    os.utime(marker, (stamp, stamp))
+    assert load_dataset("auto").name == "mnist-5k"
+    assert (calls == [True]) == retried, calls
+    err = capsys.readouterr().err
+    assert ("retried after 24 h" in err) == (not retried)

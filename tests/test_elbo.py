@@ -1,8 +1,8 @@
 """fastvae.elbo_loss / FusedELBO against the float64 oracle, on every backend."""
+import math
 import os
 import subprocess
 import sys
-
 import warnings
 
 import pytest
@@ -281,6 +281,34 @@ def test_bad_arguments_raise():
         fastvae.elbo_loss(torch.ones(2, 4, dtype=torch.int32), x, m, v)
     with pytest.raises(ValueError, match="non-empty"):
         fastvae.elbo_loss(torch.rand(0, 4), torch.rand(0, 4), torch.rand(0, 3), torch.rand(0, 3))
+
+
+@pytest.mark.parametrize("beta", [-1.0, math.nan, math.inf])
+def test_a_cpu_beta_tensor_is_checked_like_a_number(beta):
+    r, x, m, v = torch.rand(2, 4), torch.rand(2, 4), torch.rand(2, 3), torch.rand(2, 3)
+    with pytest.raises(ValueError, match="beta must be a finite number >= 0"):
+        fastvae.elbo_loss(r, x, m, v, beta=beta)
+    with pytest.raises(ValueError, match=f"beta must be finite and >= 0, got a tensor holding {beta!r}"):
+        fastvae.elbo_loss(r, x, m, v, beta=torch.tensor(beta))
+    with pytest.raises(ValueError, match="beta must be finite and >= 0"):
+        fastvae.FusedELBO(beta=torch.tensor(beta))
+    # zero and positive tensors pass, and weigh the KL as the float64 oracle does
+    for ok in (0.0, 2.5):
+        torch.testing.assert_close(fastvae.elbo_loss(r, x, m, v, beta=torch.tensor(ok)).double(),
+                                   oracle.elbo(r, x, m, v, beta=ok)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(beta=math.nan), "beta must be a finite number >= 0"),
+    (dict(free_bits=-1), "free_bits must be a finite number >= 0"),
+    (dict(likelihood="gaussian", sigma=0), "sigma must be a positive finite number"),
+    (dict(likelihood="gaussian", sigma=math.nan), "sigma must be a positive finite number"),
+    (dict(sigma=0.5), "sigma applies to likelihood='gaussian' only"),
+    (dict(likelihood="gaussian", sigma=torch.ones(3, dtype=torch.int64)), "sigma must be a floating-point"),
+])
+def test_fused_elbo_checks_every_argument_at_construction(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        fastvae.FusedELBO(**kwargs)
 
 
 def test_float64_fallback_gradcheck():

@@ -1,6 +1,7 @@
 """Importance-weighted bounds (fastvae.iwae): the streaming log-likelihood, the fused decoder-output
 kernel and iwae_loss, against an unfused float64 computation on the same noise."""
 import math
+import re
 
 import pytest
 import torch
@@ -368,6 +369,27 @@ def test_iwae_loss_bad_arguments():
         fastvae.iwae_loss(h, w, b, x, z, mu, lv[:2])
     with pytest.raises(TypeError, match="h must"):
         fastvae.iwae_loss(h.long(), w, b, x, z, mu, lv)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=triton_only)])
+def test_iwae_loss_checks_x_and_dtypes_as_elbo_loss_does_on_both_backends(backend):
+    dev = DEV if backend == "triton" else "cpu"
+    h, w, b = torch.rand(2, 3, 4, device=dev), torch.rand(5, 4, device=dev), torch.rand(5, device=dev)
+    z, mu, lv = (torch.zeros(*shape, device=dev) for shape in ((2, 3, 6), (3, 6), (3, 6)))
+    pixels = torch.randint(0, 256, (3, 5), generator=torch.Generator().manual_seed(0)).to(dev)
+    message = "x must be floating point, or uint8 pixel intensities read as x/255; got torch.int64"
+    with pytest.raises(TypeError, match=re.escape(message)):
+        fastvae.iwae_loss(h, w, b, pixels, z, mu, lv, backend=backend)
+    with pytest.raises(TypeError, match=re.escape(message)):  # the same words as elbo_loss
+        fastvae.elbo_loss(torch.zeros(3, 5, device=dev), pixels, mu, lv, backend=backend)
+    # uint8 pixels are x / 255, as in elbo_loss
+    got = fastvae.iwae_loss(h, w, b, pixels.to(torch.uint8), z, mu, lv, backend=backend)
+    torch.testing.assert_close(got, fastvae.iwae_loss(h, w, b, pixels / 255.0, z, mu, lv, backend=backend))
+    with pytest.raises(TypeError, match="h, weight and bias must share one dtype.*h torch.float16, weight "
+                                        "torch.bfloat16"):
+        fastvae.iwae_loss(h.half(), w.bfloat16(), b.bfloat16(), pixels / 255.0, z, mu, lv, backend=backend)
+    with pytest.raises(TypeError, match="bias torch.float64"):
+        fastvae.iwae_loss(h, w, b.double(), pixels / 255.0, z, mu, lv, backend=backend)
 
 
 # ---- training on the IWAE objective ----------------------------------------------------------

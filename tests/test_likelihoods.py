@@ -1,6 +1,7 @@
 """Issue 9: every likelihood, reduction, from_logits and dtype, the components, sigma, beta tensors,
 free bits, invalid probabilities and misuse, against the float64 oracle on every backend (the
 fallback, and the Triton kernels on CUDA or under the interpreter)."""
+import itertools
 import math
 import warnings
 
@@ -670,3 +671,107 @@ def test_reparameterize_forward_mode_ad(backend_device):
     m64, v64, e64, dm64, dv64 = (t.double().cpu() for t in (m, v, eps, dm, dv))
     want = dm64 + torch.exp(0.5 * v64) * e64 * 0.5 * dv64
     torch.testing.assert_close(dz.double().cpu(), want, rtol=1e-5, atol=1e-6)
+
+
+# ---- special values: every backend, one table ---------------------------------------------------------
+
+INF, NAN = math.inf, math.nan
+# (likelihood, from_logits): the decoder outputs tried, at targets 0, 1/2 and 1
+SPECIAL = {
+    ("bernoulli", True): [INF, -INF, NAN, 1e4, -1e4, 0.25],  # not 0: the oracle's |s| has a kink
+    ("bernoulli", False): [0.0, 1.0, 0.5, NAN, -0.5, 1.5],
+    ("gaussian", True): [INF, -INF, NAN, 1e4, -1e4, 0.0],
+    ("mse", True): [INF, -INF, NAN, 1e4, -1e4, 0.0],
+    ("continuous_bernoulli", True): [INF, -INF, NAN, 1e4, -1e4, 0.25],
+}
+
+
+def _right_value(likelihood, from_logits, s, t):
+    """(nll, d nll / ds) of one pixel in float64: the oracle's, and at s = +-inf the limits that
+    the float formulas cannot form (inf - inf); None where the value is not defined."""
+    if math.isnan(s) or (likelihood == "bernoulli" and not from_logits and not 0.0 <= s <= 1.0):
+        return NAN, None  # NaN recon, or a probability outside [0, 1]: NaN loss, d/ds unspecified
+    if math.isinf(s) and likelihood in ("bernoulli", "continuous_bernoulli"):
+        h = 1.0 if s > 0 else 0.0
+        bce = 0.0 if h == t else INF                 # lim s (h - t) + log(1 + e^-|s|)
+        d = h - t                                    # sigmoid(s) - t
+        if likelihood == "bernoulli":
+            return bce, d                            # F.binary_cross_entropy_with_logits gives NaN at
+                                                     # (+inf, 1) and at -inf: the limits are these
+        # continuous Bernoulli: bce - log C(s), log C -> +inf: -inf where the pixel is matched,
+        # inf - inf (NaN on every backend, not a number here) elsewhere
+        return (-INF if h == t else NAN), d
+    one = lambda v: torch.tensor([[v]], dtype=torch.float64)  # noqa: E731
+    z = torch.zeros(1, 1, dtype=torch.float64)
+    loss, g = oracle.elbo(one(s), one(t), z, z, likelihood=likelihood, from_logits=from_logits)
+    return loss.item(), g["recon"].item()
+
+
+def test_every_backend_gives_the_right_value_at_special_values(monkeypatch):
+    from conftest import BACKEND_DEVICES, use_formulation
+
+    got = {}
+    for backend, device, *formulation in BACKEND_DEVICES:
+        with monkeypatch.context() as m:
+            if formulation:
+                use_formulation(formulation[0], m)
+            name = "-".join((backend, device, *formulation))
+            for (likelihood, from_logits), values in SPECIAL.items():
+                for s in values:
+                    for t in (0.0, 0.5, 1.0):
+                        r = torch.tensor([[s]], device=device, requires_grad=True)
+                        z = torch.zeros(1, 1, device=device)
+                        loss = fastvae.elbo_loss(r, torch.tensor([[t]], device=device), z, z, backend=backend,
+                                                 likelihood=likelihood, from_logits=from_logits)
+                        loss.backward()
+                        got[name, likelihood, from_logits, s, t] = (loss.item(), r.grad.item())
+    names = ["-".join((b, d, *f)) for b, d, *f in BACKEND_DEVICES]
+    assert len(names) >= 2
+    for (likelihood, from_logits), values in SPECIAL.items():
+        for s in values:
+            for t in (0.0, 0.5, 1.0):
+                want, want_d = _right_value(likelihood, from_logits, s, t)
+                where = f"{likelihood} from_logits={from_logits} at s={s}, t={t}"
+                for name in names:
+                    loss, d = got[name, likelihood, from_logits, s, t]
+                    torch.testing.assert_close(torch.tensor(loss, dtype=torch.float64),
+                                               torch.tensor(want, dtype=torch.float64),
+                                               rtol=1e-5, atol=1e-5, equal_nan=True, msg=f"{name}: {where}")
+                    if want_d is not None:
+                        torch.testing.assert_close(torch.tensor(d, dtype=torch.float64),
+                                                   torch.tensor(want_d, dtype=torch.float64), rtol=1e-5,
+                                                   atol=1e-5, equal_nan=True, msg=f"{name}: d/ds {where}")
+                # and to each other: the same NaN / inf pattern and gradient, where the value is not
+                # pinned above (out-of-range probabilities)
+                first = got[names[0], likelihood, from_logits, s, t]
+                for name in names[1:]:
+                    other = got[name, likelihood, from_logits, s, t]
+                    torch.testing.assert_close(torch.tensor(other, dtype=torch.float64),
+                                               torch.tensor(first, dtype=torch.float64), rtol=1e-5,
+                                               atol=1e-5, equal_nan=True, msg=f"{name} vs {names[0]}: {where}")
+
+
+def test_triton_reads_uint8_targets_as_x_over_255_bit_for_bit():
+    from conftest import BACKEND_DEVICES
+
+    triton = [d for b, d, *_ in BACKEND_DEVICES if b == "triton"]
+    if not triton:
+        pytest.skip("no Triton backend here")
+    device = triton[0]
+    # "sum" walks the pixels flat, "none" by row tiles: both read x / 255
+    for (likelihood, from_logits, sigma), reduction in itertools.product(CASES, ("sum", "none")):
+        recon, _, mu, logvar = make(likelihood, from_logits, (4, 300), 3, device=device, seed=31)
+        xb = torch.randint(0, 256, (4, 300), generator=torch.Generator().manual_seed(32),
+                           dtype=torch.uint8).to(device)
+        kw = dict(reduction=reduction, likelihood=likelihood, sigma=sigma, from_logits=from_logits,
+                  backend="triton", return_components=True)
+        a, la = call(recon, xb, mu, logvar, grad=("recon", "mu", "logvar"), **kw)
+        b, lb = call(recon, torch.div(xb, 255.0), mu, logvar, grad=("recon", "mu", "logvar"), **kw)
+        for x, y in zip(a, b):
+            assert torch.equal(x, y), (likelihood, from_logits, reduction)
+        ga, gb = fast_grads(a.loss.sum(), la), fast_grads(b.loss.sum(), lb)
+        assert torch.equal(ga["recon"], gb["recon"]), (likelihood, from_logits, reduction)
+        # and the right value: the float64 oracle on x / 255
+        ref_leaves, ref = oracle.terms(recon, xb, mu, logvar, reduction=reduction, likelihood=likelihood,
+                                       sigma=sigma, from_logits=from_logits)
+        torch.testing.assert_close(a.loss.double().cpu(), ref["loss"].detach().cpu(), rtol=1e-5, atol=1e-5)

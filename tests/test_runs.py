@@ -1,8 +1,10 @@
 """A run's folder and checkpoint can be trusted: nothing is overwritten by accident, concurrent runs
 are refused, divergence stops the run, bad folders and checkpoints fail before any work starts,
 and checkpoints are written atomically and verified when read."""
+import errno
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,8 +14,9 @@ import torch
 
 import fastvae
 import fastvae.training as training
-from fastvae.training import (LOCK, RunFolder, Trainer, TrainingDiverged, choose_precision,
-                              read_checkpoint, save_checkpoint)
+from fastvae.__main__ import main
+from fastvae.training import (LOCK, RunFolder, RunWriteError, Trainer, TrainingDiverged,
+                              choose_precision, read_checkpoint, save_checkpoint)
 
 QUIET = dict(progress=False, device="cpu", batch_size=64)
 
@@ -52,8 +55,9 @@ def test_overwrite_replaces_the_whole_run_and_leaves_no_stale_figures(tiny, tmp_
 
 def test_resume_without_a_checkpoint_does_not_overwrite_other_outputs(tiny, tmp_path):
     (tmp_path / "metrics.json").write_text("{}")
-    with pytest.raises(ValueError, match="no checkpoint to resume"):
+    with pytest.raises(ValueError, match="but no checkpoint to resume; pass --overwrite") as exc:
         fastvae.train(tiny, epochs=1, out_dir=tmp_path, resume=True, **QUIET)
+    assert "pass --resume" not in str(exc.value)
     assert (tmp_path / "metrics.json").read_text() == "{}"
 
 
@@ -204,17 +208,134 @@ def test_failed_checkpoint_write_leaves_the_previous_one_loadable(tiny, tmp_path
 
     def save_then_fail(obj, f, *args, **kwargs):
         real_save(obj, f, *args, **kwargs)
-        with open(f, "r+b") as fh:  # half the file written, then the process "dies"
-            fh.truncate(os.path.getsize(f) // 2)
-        raise OSError("disk full")
+        f.truncate(f.tell() // 2)  # half the file written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", save_then_fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(RunWriteError, match=f"cannot write checkpoint.pt in {tmp_path}: no space left"):
         save_checkpoint(tmp_path / "checkpoint.pt", {"model": {}, "model_config": {}})
     monkeypatch.undo()
     assert _sha(tmp_path / "checkpoint.pt") == before
     assert read_checkpoint(tmp_path)["epoch"] == 1
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_torch_save_into_a_file_object_reports_a_full_disk_as_enospc():
+    # why _atomic_write hands torch.save a file object: given a path, torch.save's writer turns
+    # ENOSPC into RuntimeError("unexpected pos"); /dev/full fails every write with ENOSPC
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    with pytest.raises(OSError) as exc:
+        with open("/dev/full", "wb") as fh:
+            torch.save({"w": torch.zeros(100000)}, fh)
+    assert exc.value.errno == errno.ENOSPC
+
+
+class _FullDisk:
+    """``open`` for fastvae.training whose files named ``name`` take ``room`` bytes, then raise ENOSPC."""
+
+    def __init__(self, name, room):
+        self.name, self.room = name, room
+
+    def __call__(self, path, mode="r", *args, **kwargs):
+        fh = open(path, mode, *args, **kwargs)
+        return _Filling(fh, self.room) if self.name in os.path.basename(path) and mode != "r" else fh
+
+
+class _Filling:
+    def __init__(self, fh, room):
+        self._fh, self._left = fh, room
+
+    def write(self, data):
+        if len(data) > self._left:
+            self._fh.write(bytes(data[: self._left]) if isinstance(data, (bytes, bytearray, memoryview))
+                           else data[: self._left])
+            self._left = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._left -= len(data)
+        return self._fh.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._fh.close()
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pt", "metrics.json", "reconstructions.png", LOCK])
+def test_a_full_disk_is_one_line_nothing_half_written_and_the_run_resumes(name, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    common = ["--dataset", "mnist-5k", "--hidden-dim", "32", "--batch-size", "500", "--out", str(out),
+              "--device", "cpu", "--no-progress"]
+    assert main(["train", *common, "--epochs", "1", "--no-figures"]) == 0
+    before = {p.name: _sha(p) for p in out.iterdir() if p.name != LOCK}
+    capsys.readouterr()
+    monkeypatch.setattr(training, "open", _FullDisk(name, room=0 if name == LOCK else 100), raising=False)
+    code = main(["train", *common, "--epochs", "2", "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == (2 if name == LOCK else 4), err
+    assert err[-1].startswith("fastvae train: error: cannot write") and "Traceback" not in "".join(err)
+    assert f"{out}" in err[-1] and "no space left" in err[-1], err[-1]
+    assert not list(out.glob(".*tmp")), "a half-written temp file was left"
+    after = {p.name: _sha(p) for p in out.iterdir() if p.name != LOCK}
+    if name in ("checkpoint.pt", LOCK):  # nothing replaced
+        assert after == before
+    else:  # the epoch-2 checkpoint is complete; the file that failed is the old one or absent
+        assert read_checkpoint(out)["epoch"] == 2
+        assert after.get(name) == before.get(name)
+    monkeypatch.undo()  # space freed: the run resumes and finishes
+    assert main(["train", *common, "--epochs", "2", "--resume"]) == 0
+    assert read_checkpoint(out)["epoch"] == 2 and (out / "reconstructions.png").exists()
+
+
+def test_overwrite_killed_before_the_first_new_checkpoint_keeps_the_old_run(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    common = ["--dataset", "mnist-5k", "--hidden-dim", "32", "--batch-size", "500", "--out", str(out),
+              "--device", "cpu", "--no-progress"]
+    assert main(["train", *common, "--epochs", "1", "--latent-dim", "2"]) == 0
+    before = {p.name: _sha(p) for p in out.iterdir() if p.name != LOCK}
+    assert {"checkpoint.pt", "metrics.json", "manifold.png"} <= set(before)
+
+    class Killed(BaseException):
+        pass
+
+    real_save = torch.save
+
+    def killed_mid_write(obj, f, *args, **kwargs):  # the process dies inside the first new checkpoint
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(f.tell() // 3)
+        raise Killed
+
+    monkeypatch.setattr(torch, "save", killed_mid_write)
+    with pytest.raises(Killed):
+        main(["train", *common, "--epochs", "3", "--latent-dim", "3", "--overwrite"])
+    monkeypatch.undo()
+    assert {p.name: _sha(p) for p in out.iterdir() if p.name != LOCK and not p.name.endswith(".tmp")} == before
+    # the old run is whole: --resume continues it (latent 2, epoch 1 -> 2)
+    assert main(["train", "--out", str(out), "--epochs", "2", "--resume", "--device", "cpu",
+                 "--no-progress", "--no-figures"]) == 0
+    ckpt = read_checkpoint(out)
+    assert ckpt["epoch"] == 2 and ckpt["config"]["latent_dim"] == 2
+
+
+def test_resume_to_fewer_epochs_than_trained_says_so(tiny, tmp_path, monkeypatch):
+    fastvae.train(tiny, epochs=2, out_dir=tmp_path, figures=False, **QUIET)
+    before = _sha(tmp_path / "checkpoint.pt")
+    monkeypatch.setattr(training, "load_dataset", _no_data)
+    with pytest.raises(ValueError, match="has already trained 2 epochs, more than epochs=1"):
+        fastvae.train("mnist-5k", epochs=1, out_dir=tmp_path, resume=True, **QUIET)
+    assert _sha(tmp_path / "checkpoint.pt") == before
+
+
+def test_checkpoint_without_a_sha256_loads_with_a_warning(tiny, tmp_path):
+    fastvae.train(tiny, epochs=1, out_dir=tmp_path, figures=False, **QUIET)
+    ckpt = read_checkpoint(tmp_path)
+    torch.save(ckpt, tmp_path / "old.pt")  # as fastvae wrote it before the hash
+    with pytest.warns(UserWarning, match="old.pt carries no SHA-256.*loaded unverified"):
+        assert read_checkpoint(tmp_path / "old.pt")["epoch"] == 1
 
 
 # ----------------------------------------------------------------------------- batches, precision
@@ -251,3 +372,21 @@ def test_precision_is_logged_and_recorded(tiny, monkeypatch, capsys):
     # bf16 autocast really ran: the same run in fp32 computes a different loss
     assert m["train_loss"] != fp32["train_loss"]
     assert m["train_loss"][0] == pytest.approx(fp32["train_loss"][0], rel=0.02)
+
+
+def test_non_finite_weights_under_a_finite_loss_stop_the_run_before_a_checkpoint(tiny, tmp_path, monkeypatch):
+    # a bias of -inf on a pixel that is 0 in every image keeps the loss finite (its limit is 0)
+    # while the weights are not: only the final weights check can stop this run
+    assert (tiny.train_x.reshape(tiny.train_x.shape[0], -1)[:, 0] == 0).all()
+    real_step = Trainer.optimizer_step
+
+    def step_then_break(self):
+        real_step(self)
+        with torch.no_grad():
+            self.model.fc4.bias[0] = -math.inf
+
+    monkeypatch.setattr(Trainer, "optimizer_step", step_then_break)
+    with pytest.raises(TrainingDiverged, match=r"diverged in epoch 1: train loss [0-9.]+, test loss "
+                                               r"[0-9.]+, non-finite weights; stopped, no checkpoint"):
+        fastvae.train(tiny, epochs=1, out_dir=tmp_path, figures=False, **QUIET)
+    assert not (tmp_path / "checkpoint.pt").exists()
