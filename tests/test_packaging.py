@@ -19,7 +19,7 @@ def test_kernels_install_as_fastvae_kernels_only(tmp_path):
 
 def test_import_without_a_gpu_leaves_the_compiler_stack_unloaded(tmp_path):
     """On a machine where the Triton ops cannot run (no CUDA, no interpreter) ``import fastvae``
-    does not register them, so torch's compiler stack (which registering them imports, about 1 s)
+    does not register them, so torch's compiler stack (which registering them imports)
     stays unloaded; they register on first use."""
     import os
 
