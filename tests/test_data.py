@@ -113,17 +113,21 @@ def test_read_only_data_dir_is_read(tmp_path):
         (tmp_path / "ro").chmod(0o755)
 
 
+def _offline_mnist(calls: list, record: str):
+    """A torchvision.datasets.MNIST whose download fails as without a network; each construction
+    appends its ``train`` or ``download`` argument (``record``) to ``calls``."""
+    class OfflineMNIST:
+        def __init__(self, root, train, download):
+            calls.append(train if record == "train" else download)
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\n<urlopen error no network>")
+    return OfflineMNIST
+
+
 def test_auto_does_not_retry_a_failed_download_on_every_run(tmp_path, monkeypatch, capsys):
     import torchvision
 
     calls = []
-
-    class OfflineMNIST:
-        def __init__(self, root, train, download):
-            calls.append(train)
-            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\n<urlopen error no network>")
-
-    monkeypatch.setattr(torchvision.datasets, "MNIST", OfflineMNIST)
+    monkeypatch.setattr(torchvision.datasets, "MNIST", _offline_mnist(calls, "train"))
     assert load_dataset("auto").name == "mnist-5k"
     first = capsys.readouterr().err
     assert calls == [True] and "download failed: <urlopen error no network>" in first
@@ -253,13 +257,7 @@ def test_auto_retries_a_failed_download_after_24_hours(hours, retried, tmp_path,
     from fastvae import data
 
     calls = []
-
-    class OfflineMNIST:
-        def __init__(self, root, train, download):
-            calls.append(download)
-            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\n<urlopen error no network>")
-
-    monkeypatch.setattr(torchvision.datasets, "MNIST", OfflineMNIST)
+    monkeypatch.setattr(torchvision.datasets, "MNIST", _offline_mnist(calls, "download"))
     marker = tmp_path / "cache" / data._TORCHVISION_CLASS["mnist"] / data.DOWNLOAD_FAILED
     marker.parent.mkdir(parents=True)
     marker.write_text("no network\n")
