@@ -21,6 +21,7 @@ own "reduce-overhead" graphs), the IWAE objective.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -68,27 +69,48 @@ class GraphStep:
         # the warm-up: a real step, on a side stream as the capture will be
         opt = self.trainer.opt
         opt.zero_grad(set_to_none=True)  # a graph's gradients must not be accumulated into
-        side = torch.cuda.Stream(device=self.trainer.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with side_stream(self.trainer.device):
             loss = self.trainer.forward_loss(x.index_select(0, idx))
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             self.total += loss.detach()
-        torch.cuda.current_stream().wait_stream(side)
 
     def _capture(self, x: Tensor, batch: int):
         trainer, opt = self.trainer, self.trainer.opt
         static_idx = torch.zeros(batch, dtype=torch.int64, device=x.device)
-        graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(trainer.noise_gen)
-        opt.zero_grad(set_to_none=True)
-        with torch.cuda.graph(graph):
+
+        def step():
+            # gradients None before the backward: it writes them anew (what a replay repeats), and
+            # run as plain code this function is one replay
+            opt.zero_grad(set_to_none=True)
             loss = trainer.forward_loss(x.index_select(0, static_idx))
             loss.backward()
             opt.step()
             self.total += loss.detach()
+
+        graph = capture(step, trainer.noise_gen)
         # the gradients live in the graph's memory; eager steps must start from None again
         opt.zero_grad(set_to_none=True)
         return graph, static_idx
+
+
+@contextlib.contextmanager
+def side_stream(device: torch.device):
+    """Run the block on a new CUDA stream that waits for the current one, and make the current
+    one wait for it afterwards (the warm-up before a capture)."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        yield
+    torch.cuda.current_stream(device).wait_stream(side)
+
+
+def capture(step, generator: torch.Generator):
+    """``step`` captured into a new CUDA graph (recorded, not run) that draws its noise from
+    ``generator`` afresh on every replay."""
+    graph = torch.cuda.CUDAGraph()
+    graph.register_generator_state(generator)
+    with torch.cuda.graph(graph):
+        step()
+    return graph

@@ -427,3 +427,48 @@ def test_cuda_graph_step_trains_as_the_eager_step():
                                    rtol=1e-5, atol=0)
     for a, b in zip(graph.model.parameters(), eager.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_cuda_graph_step_logic_on_cpu(mnist5k, monkeypatch):
+    """The graph step's bookkeeping, on CPU: CUDA's record-and-replay is stood in for by a graph
+    that runs the captured step again on each replay (and the side stream by none). One graph per
+    batch size, captured on the second step of that size and replayed on every later one, the
+    first step of each size trained eagerly; the result is the eager step's training (same losses
+    and weights to fp32 rounding: the eager CPU step takes the hand-written gradients and the
+    plain fused Adam, the graph step autograd and the capturable one)."""
+    import contextlib
+
+    from fastvae import graph_step, training
+
+    class Replayed:
+        def __init__(self, step):
+            self.step, self.replays = step, 0
+
+        def replay(self):
+            self.replays += 1
+            self.step()
+
+    graphs = []
+
+    def capture(step, generator):
+        graphs.append(Replayed(step))
+        return graphs[-1]
+
+    monkeypatch.setattr(graph_step, "capture", capture)
+    monkeypatch.setattr(graph_step, "side_stream", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(training, "unsupported_reason", lambda *args: None)
+    data = mnist5k.subset(700, 100)  # 5 x 128 + 60: two batch sizes
+    kw = dict(epochs=3, batch_size=128, device="cpu", out_dir=None, progress=False, figures=False,
+              precision="fp32")
+    graph = fastvae.train(data, **kw)
+    monkeypatch.undo()
+    eager = fastvae.train(data, cuda_graph=False, **kw)
+    assert graph.metrics["cuda_graph"] and not eager.metrics["cuda_graph"]
+    # 128: warm-up on step 1, captured on step 2, replayed on steps 2-5 of epoch 1 and all 5 of
+    # epochs 2 and 3; 60: warm-up in epoch 1, captured and replayed in epoch 2, replayed in epoch 3
+    assert [g.replays for g in graphs] == [4 + 5 + 5, 1 + 1]
+    for key in ("train_loss", "test_loss"):
+        torch.testing.assert_close(torch.tensor(graph.metrics[key]), torch.tensor(eager.metrics[key]),
+                                   rtol=1e-5, atol=0)
+    for a, b in zip(graph.model.parameters(), eager.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
