@@ -268,9 +268,11 @@ def _loop_args(likelihood: str, inv_sigma: float, log_norm: float, D: int, scale
     return "bernoulli_logits", scale, 1.0, -0.0
 
 
-def _bernoulli_logits(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale) -> Tensor:
+def _bernoulli_logits(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale, guard=None) -> Tensor:
     """BCE on logits, ``softplus(s) - s*t``, per row. Writes ``scale * (sigmoid(s) - t)`` into d_s
-    (accurate relative to itself at confident logits) and ``-scale * s`` into d_t."""
+    (accurate relative to itself at confident logits) and ``-scale * s`` into d_t. ``guard``: take
+    s (h - t) as 0 where h = t also at s = +-inf (see below); None: on CUDA and under tracers, and
+    on CPU for the rows that need it."""
     if ws is _IN_LOOP or _cpu_loops.takes(s, t):  # the fused loop (same math, one pass)
         element, *loop = _loop_args("bernoulli", inv_sigma, log_norm, s.shape[1], scale)
         rows = _cpu_loops.run(element, s, t, d_s, *loop)
@@ -290,9 +292,12 @@ def _bernoulli_logits(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale
         d_s.addcmul_(d_s, h, value=-2.0)           # q (1 - 2h)
     ht = h.sub_(t)                                 # h - t: exact at t = 0 or 1
     # relu(s) - s*t = s (h - t) >= 0, exact at t = 0/1, plus c (the few elements where s (h - t)
-    # is 0, the confident and right ones, keep all of c): one row sum for both
-    # s (h - t) is 0 where h = t, also at s = +-inf (its limit, where inf * 0 would be NaN)
-    rows += c.addcmul_(s.masked_fill(ht == 0, 0.0), ht).sum(1)
+    # is 0, the confident and right ones, keep all of c): one row sum for both.
+    # s (h - t) is 0 where h = t, also at s = +-inf (its limit), where the product is inf * 0 = NaN:
+    # guarded, those products are taken as 0 (a NaN in s stays NaN through c)
+    if guard is None:  # reading the rows' sums back would sync a GPU, or break a tracer's graph
+        guard = s.is_cuda or torch.compiler.is_compiling() or type(s) is not torch.Tensor
+    rows += c.addcmul_(s.masked_fill(ht == 0, 0.0) if guard else s, ht).sum(1)
     if d_s is not None:
         # sigmoid(s) - t = (h - t) + q (1 - 2h): -sigmoid(-s) + (1 - t) for s > 0, so no
         # cancellation where the model is confident and right (sigmoid(s) would round to 1)
@@ -301,6 +306,11 @@ def _bernoulli_logits(s, t, sig, inv_sigma, log_norm, ws, d_s, d_t, d_sig, scale
             d_s.mul_(_constants((scale,), s)[0])
     if d_t is not None:
         torch.mul(s, _constants((-scale,), s)[0], out=d_t)
+    if not guard:  # on CPU: the rows that came out NaN (an infinite or NaN logit) again, guarded
+        bad = torch.isnan(rows)
+        if bad.any():
+            rows[bad] = _bernoulli_logits(s[bad], t[bad], sig, inv_sigma, log_norm, ws, None, None, None,
+                                          scale, guard=True)
     return rows
 
 
