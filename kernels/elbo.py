@@ -27,8 +27,8 @@ Two tilings:
 * rows (``none``, strided inputs, a sigma tensor, free bits): a program owns ``BLOCK_M`` whole rows
   and walks them in ``BLOCK_N``-wide column blocks; it writes the per-row values, or partial sums.
 
-Partial sums are added by one program in a fixed order (two-stage reduction, no atomics): the loss
-is bitwise reproducible. Offsets are int64, accumulation fp32, and every store offset is computed
+Partial sums are added in a fixed order by the program that finishes last, in the same launch (a
+ticket counter tells it; no float atomics): the loss is bitwise reproducible. Offsets are int64, accumulation fp32, and every store offset is computed
 in the kernel body, so torch's analysis of which tensors a kernel writes sees only the outputs.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ from .launch import Static, launch
 
 # flat tiling: BLOCK elements per step, ITERS steps per program; with 8 warps a thread holds 8
 # elements per stream and step (fp32: two 128-bit loads, bf16: one), at 48 registers (fp32, sm_90);
-# partial sums are added by one program in blocks of SUM_BLOCK
+# partial sums are added by the last program in blocks of SUM_BLOCK
 _FLAT_BLOCK = 2048
 _FLAT_ITERS = 2
 _FLAT_WARPS = 8
