@@ -67,6 +67,16 @@ def _eager(recon: Tensor, *others) -> bool:
     return True
 
 
+def _apply_on_device(function, t: Tensor, *args):
+    """``function.apply(t, *args)`` with t's CUDA device current (Triton launches on the current
+    device, whatever the tensors'); the backward needs nothing: autograd runs a CUDA node's
+    backward with its device current."""
+    if t.is_cuda and t.get_device() != torch.cuda.current_device():
+        with torch.cuda.device(t.device):
+            return function.apply(t, *args)
+    return function.apply(t, *args)
+
+
 _LAUNCHERS: dict = {}
 
 
@@ -205,10 +215,7 @@ def elbo_apply(recon: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, sigma: Opti
     """The ELBO's output for ``cfg``: launched directly when nothing traces, else through
     ``torch.ops.fastvae.elbo`` (whose output always holds the terms)."""
     if _eager(recon, x, mu, logvar, sigma):
-        if recon.is_cuda and recon.get_device() != torch.cuda.current_device():
-            with torch.cuda.device(recon.device):
-                return _ELBO.apply(recon, x, mu, logvar, sigma, cfg)
-        return _ELBO.apply(recon, x, mu, logvar, sigma, cfg)
+        return _apply_on_device(_ELBO, recon, x, mu, logvar, sigma, cfg)
     out = torch.ops.fastvae.elbo(recon, x, mu, logvar, sigma, cfg.inv_sigma, cfg.log_norm, cfg.beta,
                                  cfg.free_bits, cfg.likelihood, cfg.from_logits, cfg.reduction, cfg.grad,
                                  cfg.x_grad, cfg.sigma_grad)[0]
@@ -284,10 +291,7 @@ def reparameterize_apply(mu: Tensor, logvar: Tensor, eps: Optional[Tensor], seed
                          num_samples: int) -> Tensor:
     """``torch.ops.fastvae.reparameterize(...)``, launched directly when nothing traces."""
     if _eager(mu, logvar, eps, seed):
-        if mu.is_cuda and mu.get_device() != torch.cuda.current_device():
-            with torch.cuda.device(mu.device):
-                return _Reparameterize.apply(mu, logvar, eps, seed, num_samples)
-        return _Reparameterize.apply(mu, logvar, eps, seed, num_samples)
+        return _apply_on_device(_Reparameterize, mu, logvar, eps, seed, num_samples)
     return torch.ops.fastvae.reparameterize(mu, logvar, eps, seed, num_samples)
 
 

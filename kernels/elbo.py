@@ -28,8 +28,9 @@ Two tilings:
   and walks them in ``BLOCK_N``-wide column blocks; it writes the per-row values, or partial sums.
 
 Partial sums are added in a fixed order by the program that finishes last, in the same launch (a
-ticket counter tells it; no float atomics): the loss is bitwise reproducible. Offsets are int64, accumulation fp32, and every store offset is computed
-in the kernel body, so torch's analysis of which tensors a kernel writes sees only the outputs.
+ticket counter tells it; no float atomics): the loss is bitwise reproducible. Offsets are int64,
+accumulation fp32, and every store offset is computed in the kernel body, so torch's analysis of
+which tensors a kernel writes sees only the outputs.
 """
 from __future__ import annotations
 
@@ -284,8 +285,8 @@ def _scale_grads_kernel(
     #   pixel buffers a, b, c (d recon, d x, d sigma) [B, N]  *= g0 + g1
     #   latent buffers d, e (d mu, d logvar) [B, L]          *= (beta g0 + g3) active_k + g2
     # pix_tiles tiles of BLOCK pixels, then lat_tiles tiles of LAT_ROWS rows x all L dimensions;
-    # the grid is persistent (each program takes every num_programs-th tile of each). A tile whose factors are
-    # all 1 is left untouched, so a plain loss.backward() with beta = 1 moves no bytes.
+    # the grid is persistent (each program takes every num_programs-th tile of each). A tile whose
+    # factors are all 1 is left untouched, so a plain loss.backward() with beta = 1 moves no bytes.
     beta = tl.cast(beta, tl.float32)
     pid = tl.program_id(0)
     programs = tl.num_programs(0)

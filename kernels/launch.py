@@ -51,21 +51,14 @@ def _binder(names, constexprs, tensors, ints, options):
 
 class Static:
     """The launch arguments that a call site derives from its shapes and options alone (sizes,
-    ``tl.constexpr`` flags, launch options), hashable. A site makes them with an ``lru_cache``d
-    function of those shapes and options, so that each distinct value is one object, and passes
-    the tensors and the runtime floats of each call beside it (:func:`launch`)."""
+    ``tl.constexpr`` flags, launch options). A site makes them with an ``lru_cache``d function of
+    those shapes and options, so that each distinct value is one object (a Launcher binds it by
+    identity), and passes the tensors and the runtime floats of each call beside it (:func:`launch`)."""
 
-    __slots__ = ("kwargs", "_hash")
+    __slots__ = ("kwargs",)
 
     def __init__(self, **kwargs):
         self.kwargs = kwargs
-        self._hash = hash(tuple(sorted(kwargs.items())))
-
-    def __hash__(self):
-        return self._hash
-
-    def __eq__(self, other):
-        return self is other or (isinstance(other, Static) and self.kwargs == other.kwargs)
 
 
 class Launcher:
